@@ -1,0 +1,74 @@
+"""Rules that read Hugging Face decoder tensor names.
+
+One set of rules covers the common families (Llama, Mistral, Qwen2/3, Gemma, Phi-3,
+GPT-2 style) instead of a description file per model: a transformer block is
+``<container>.<index>.`` with a known container name, and a module's role comes from
+the last meaningful component of its name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# "model.layers.3.self_attn.q_proj.weight", "transformer.h.3.attn.c_attn.weight", ...
+_LAYER_RE = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|block|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
+
+# Ordered: the first rule whose token occurs in the name decides the role.
+_ROLE_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("embed", ("embed_tokens", "wte", "word_embeddings", "tok_embeddings", "embed_in")),
+    ("lm_head", ("lm_head", "embed_out")),
+    ("position_embed", ("wpe", "position_embeddings")),
+    ("attn_qkv", ("qkv_proj", "c_attn", "query_key_value", "Wqkv")),
+    ("attn_q", ("q_proj", "query")),
+    ("attn_k", ("k_proj", "key")),
+    ("attn_v", ("v_proj", "value")),
+    ("attn_o", ("o_proj", "attn.c_proj", "dense", "out_proj")),
+    ("mlp_gate_up", ("gate_up_proj",)),
+    ("mlp_gate", ("gate_proj", "w1")),
+    ("mlp_up", ("up_proj", "c_fc", "fc1", "w3")),
+    ("mlp_down", ("down_proj", "mlp.c_proj", "fc2", "w2")),
+    ("norm", ("norm", "ln_", "layernorm")),
+)
+
+
+@dataclass(frozen=True)
+class TensorName:
+    """A parsed tensor name."""
+
+    name: str
+    layer: int | None  # transformer block index, None for embeddings, final norm, lm_head
+    role: str  # embed, lm_head, attn_q, ..., mlp_down, norm, other
+
+    @property
+    def is_embedding(self) -> bool:
+        """Rows indexed by token id (input embeddings or output head)."""
+        return self.role in ("embed", "lm_head")
+
+
+def layer_index(name: str) -> int | None:
+    match = _LAYER_RE.match(name)
+    return int(match.group("index")) if match else None
+
+
+def with_layer_index(name: str, index: int) -> str:
+    """The same tensor name in block ``index`` (used when slices renumber layers)."""
+    match = _LAYER_RE.match(name)
+    if not match:
+        raise ValueError(f"tensor '{name}' is not inside a numbered layer")
+    return f"{match.group('prefix')}.{index}.{match.group('rest')}"
+
+
+def module_role(name: str) -> str:
+    components = name.split(".")
+    if components[-1] in ("weight", "bias"):
+        components = components[:-1]
+    module = ".".join(components)
+    for role, tokens in _ROLE_RULES:
+        if any(token in module for token in tokens):
+            return role
+    return "other"
+
+
+def parse_name(name: str) -> TensorName:
+    return TensorName(name=name, layer=layer_index(name), role=module_role(name))

@@ -1,0 +1,177 @@
+"""The merge configuration: mergekit's YAML schema, validated with pydantic.
+
+A mergekit user's config loads unchanged: ``models:`` or ``slices:`` (with
+``layer_range``), ``base_model``, ``merge_method``, global / per-slice / per-model
+``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source``. Parameter values stay
+raw here; ``mergelab.config.parameters`` gives them meaning per tensor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mergelab.errors import ConfigError
+
+DTYPE_ALIASES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float64": "float64",
+    "fp64": "float64",
+}
+
+
+def dtype_name(value: Optional[str], field: str) -> Optional[str]:
+    """Canonical torch dtype name for a config dtype ('bf16', 'torch.float16', ...)."""
+    if value is None:
+        return None
+    key = str(value).lower().removeprefix("torch.")
+    if key not in DTYPE_ALIASES:
+        raise ValueError(f"{field} '{value}' is not a floating-point dtype; use one of float32, float16, bfloat16")
+    return DTYPE_ALIASES[key]
+
+
+ParameterMap = Optional[dict[str, Any]]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelEntry(_Strict):
+    """One input model of a ``models:`` merge."""
+
+    model: str
+    parameters: ParameterMap = None
+
+
+class SliceSource(_Strict):
+    """A contiguous layer range [start, end) of one model, feeding an output slice."""
+
+    model: str
+    layer_range: tuple[int, int]
+    parameters: ParameterMap = None
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, value: tuple[int, int]) -> tuple[int, int]:
+        start, end = value
+        if start < 0 or end <= start:
+            raise ValueError(f"layer_range {list(value)} must satisfy 0 <= start < end")
+        return value
+
+
+class OutputSlice(_Strict):
+    """A run of output layers merged from equally long source ranges."""
+
+    sources: list[SliceSource] = Field(min_length=1)
+    base_model: Optional[str] = None
+    parameters: ParameterMap = None
+    residual_weight: Optional[float] = None
+
+    @field_validator("residual_weight")
+    @classmethod
+    def _no_residual(cls, value: Optional[float]) -> Optional[float]:
+        if value is not None:
+            raise ValueError("residual_weight is not supported; remove it")
+        return value
+
+
+class MergeConfig(_Strict):
+    """A whole merge recipe (mergekit-compatible)."""
+
+    merge_method: str
+    models: Optional[list[ModelEntry]] = None
+    slices: Optional[list[OutputSlice]] = None
+    base_model: Optional[str] = None
+    parameters: ParameterMap = None
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+    # Keys mergekit knows that mergelab does not implement yet: refused with a clear message
+    # rather than silently ignored (see the validator below).
+    modules: Optional[Any] = None
+    tokenizer: Optional[Any] = None
+    chat_template: Optional[str] = None
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, value: Optional[str], info: Any) -> Optional[str]:
+        return dtype_name(value, info.field_name)
+
+    @field_validator("models")
+    @classmethod
+    def _models_nonempty(cls, value: Optional[list[ModelEntry]]) -> Optional[list[ModelEntry]]:
+        if value is not None and not value:
+            raise ValueError("'models' is empty; list at least one model")
+        return value
+
+    @model_validator(mode="after")
+    def _shape(self) -> "MergeConfig":
+        if self.modules is not None:
+            raise ValueError("'modules' (multi-module architectures) is not supported; use 'models' or 'slices'")
+        if self.tokenizer is not None:
+            raise ValueError("'tokenizer' settings are not supported yet; use tokenizer_source: base")
+        if self.chat_template is not None:
+            raise ValueError("'chat_template' is not supported yet; edit tokenizer_config.json after the merge")
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of 'models' or 'slices'")
+        if self.tokenizer_source == "union":
+            raise ValueError("tokenizer_source: union is not supported yet; use 'base' or a model path")
+        return self
+
+    def referenced_models(self) -> list[str]:
+        """Every model the recipe reads, in first-mention order (base first)."""
+        seen: dict[str, None] = {}
+        if self.base_model:
+            seen[self.base_model] = None
+        for entry in self.models or []:
+            seen[entry.model] = None
+        for output_slice in self.slices or []:
+            if output_slice.base_model:
+                seen[output_slice.base_model] = None
+            for source in output_slice.sources:
+                seen[source.model] = None
+        return list(seen)
+
+
+def _format_validation_error(source: str, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field; check its spelling against the mergekit config format"
+        lines.append(f"{source}: {location}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}.")
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(source, exc)) from None
+
+
+def load_config(path: Union[str, Path]) -> tuple[MergeConfig, str]:
+    """Read and validate a merge YAML; return the config and its original text."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist.")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML ({exc}).") from None
+    return parse_config(data, str(path)), text

@@ -1,0 +1,6 @@
+"""The streaming engine every capability plans work for."""
+
+from mergelab.engine.run import RunStats, resolve_device, run
+from mergelab.engine.task import TensorRef, TensorSource, TensorTask
+
+__all__ = ["RunStats", "resolve_device", "TensorRef", "TensorSource", "TensorTask", "run"]

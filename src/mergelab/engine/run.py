@@ -1,0 +1,150 @@
+"""The streaming engine: read inputs lazily, compute each output, hand it to a sink.
+
+While task i computes, the inputs of tasks i+1 … i+prefetch are being read on a reader
+thread and the result of task i−1 is being written on a writer thread. Inputs are
+dropped as soon as their task is done, so resident memory is bounded by the inputs of
+the largest task times the prefetch window, never by the size of the model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from mergelab.engine.task import TensorSource, TensorTask
+from mergelab.errors import ComputeError, InputError
+from mergelab.io.writer import TensorSink
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunStats:
+    tasks: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+
+def resolve_device(device: str) -> Any:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device} was requested but CUDA is not available on this machine; use --device cpu.")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise InputError(f"unknown device '{device}' ({exc}); use cpu or cuda.") from None
+
+
+def _load(task: TensorTask, sources: Mapping[str, TensorSource], device: Any) -> tuple[list[Any], int]:
+    import torch
+
+    tensors = []
+    size = 0
+    for ref in task.inputs:
+        tensor = sources[ref.source].get_tensor(ref.name)
+        size += tensor.numel() * tensor.element_size()
+        if device.type != "cpu":
+            tensor = tensor.to(device, non_blocking=True)
+        tensors.append(tensor)
+    if task.work_dtype is not None:
+        work = getattr(torch, task.work_dtype)
+    else:
+        work = tensors[0].dtype
+        for tensor in tensors[1:]:
+            work = torch.promote_types(work, tensor.dtype)
+    if work.is_floating_point:
+        tensors = [t if t.dtype == work or not t.is_floating_point() else t.to(work) for t in tensors]
+    return tensors, size
+
+
+def run(
+    tasks: Sequence[TensorTask],
+    sources: Mapping[str, TensorSource],
+    sink: TensorSink,
+    *,
+    device: str = "cpu",
+    prefetch: int = 2,
+    progress: bool = True,
+    description: str = "merging",
+) -> RunStats:
+    """Execute ``tasks`` in order, streaming results into ``sink`` (closed on success)."""
+    import torch
+
+    target = resolve_device(device)
+    stats = RunStats()
+    start = time.perf_counter()
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-read")
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelab-write")
+    pending_loads: deque[Future] = deque()
+    pending_write: Future | None = None
+    bar = _progress(progress, description, len(tasks))
+    try:
+        for index in range(min(prefetch, len(tasks))):
+            pending_loads.append(reader.submit(_load, tasks[index], sources, target))
+        for index, task in enumerate(tasks):
+            inputs, size = pending_loads.popleft().result()
+            stats.bytes_read += size
+            following = index + prefetch
+            if following < len(tasks):
+                pending_loads.append(reader.submit(_load, tasks[following], sources, target))
+            with torch.no_grad():
+                result = task.op(inputs)
+                del inputs
+                if result.is_floating_point() and not bool(torch.isfinite(result).all()):
+                    raise ComputeError(
+                        f"output tensor '{task.output}' contains NaN or infinite values. Check the inputs of this "
+                        "tensor for non-finite values and the method's weights (e.g. weights summing to zero)."
+                    )
+                result = result.to(dtype=getattr(torch, task.out_dtype)).cpu()
+            if tuple(result.shape) != task.shape:
+                raise ComputeError(f"output tensor '{task.output}' has shape {tuple(result.shape)}, planned {task.shape}.")
+            if pending_write is not None:
+                pending_write.result()
+            pending_write = writer.submit(sink.write, task.output, result)
+            stats.bytes_written += result.numel() * result.element_size()
+            stats.tasks += 1
+            del result
+            if bar is not None:
+                bar[0].advance(bar[1])
+        if pending_write is not None:
+            pending_write.result()
+        sink.close()
+    finally:
+        for future in pending_loads:
+            future.cancel()
+        reader.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True, cancel_futures=True)
+        if bar is not None:
+            bar[0].stop()
+    stats.seconds = time.perf_counter() - start
+    log.info(
+        "%s: %d tensors, %.1f MB read, %.1f MB written in %.2f s",
+        description,
+        stats.tasks,
+        stats.bytes_read / 1e6,
+        stats.bytes_written / 1e6,
+        stats.seconds,
+    )
+    return stats
+
+
+def _progress(enabled: bool, description: str, total: int) -> tuple[Any, Any] | None:
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=False,
+    )
+    bar.start()
+    return bar, bar.add_task(description, total=total)

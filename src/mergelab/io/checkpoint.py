@@ -1,0 +1,293 @@
+"""Read a Hugging Face model directory lazily: config, (sharded) safetensors, tokenizer files.
+
+Only headers are read when a ``Checkpoint`` is opened, so validating many large inputs
+costs milliseconds. Tensors are read one at a time, when the engine asks for them, by
+positioned reads straight into a fresh tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from mergelab.errors import InputError
+
+# safetensors dtype tag -> (torch dtype name, bytes per element)
+SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+}
+
+DTYPE_BYTES: dict[str, int] = {name: size for name, size in SAFETENSORS_DTYPES.values()}
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+# Files a tokenizer (and generation defaults) may consist of; copied beside merged weights.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Header facts about one stored tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name, e.g. "float32"
+    file: str  # shard file name inside the model directory
+    offset: int = 0  # absolute byte offset of the data in that file
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_BYTES[self.dtype]
+
+    @property
+    def is_floating_point(self) -> bool:
+        return self.dtype.startswith(("float", "bfloat"))
+
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Names, shapes, dtypes and byte offsets of every tensor in a safetensors file.
+
+    Reads only the header (8-byte little-endian length, then JSON), validating that the
+    data offsets are consistent with the file size.
+    """
+    try:
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if not 0 < length <= MAX_HEADER_BYTES:
+                raise ValueError(f"header length {length} is invalid")
+            header = json.loads(handle.read(length))
+        file_size = path.stat().st_size
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a readable safetensors file ({exc}). Re-download or re-save the model.") from exc
+    data_start = 8 + length
+    infos = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            tag, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{path}: malformed header entry for tensor '{name}'.") from None
+        if tag not in SAFETENSORS_DTYPES:
+            raise InputError(f"{path}: tensor '{name}' has unsupported dtype {tag}.")
+        info = TensorInfo(name, shape, SAFETENSORS_DTYPES[tag][0], path.name, data_start + begin)
+        if end - begin != info.nbytes or data_start + end > file_size:
+            raise InputError(f"{path}: tensor '{name}' has inconsistent data offsets; the file may be truncated.")
+        infos[name] = info
+    return infos
+
+
+def _refuse_pickles(directory: Path) -> None:
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise InputError(
+            f"{directory}: weights are stored as pickle files ({', '.join(pickles[:3])}), which "
+            "mergelab refuses to load because unpickling can run arbitrary code. Convert the model "
+            "to safetensors once, in an environment you trust: "
+            "AutoModelForCausalLM.from_pretrained(path).save_pretrained(out, safe_serialization=True)."
+        )
+    raise InputError(
+        f"{directory}: no '{SINGLE_FILE}' or '{INDEX_FILE}' found; is this a Hugging Face model directory?"
+    )
+
+
+def resolve_model_dir(reference: str) -> Path:
+    """Turn a model reference into a local directory.
+
+    A local path is used as it is; an ``org/name`` that is not a local path is fetched
+    from the Hugging Face Hub (safetensors, JSON and tokenizer files only) when the hub
+    is reachable.
+    """
+    path = Path(reference).expanduser()
+    if path.exists():
+        return path
+    looks_like_repo = reference.count("/") == 1 and not reference.startswith((".", "/", "~"))
+    if not looks_like_repo:
+        raise InputError(f"model path '{reference}' does not exist. Check the path in your config.")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            reference,
+            allow_patterns=["*.safetensors", "*.json", "tokenizer.model", "*.txt", "*.jinja"],
+        )
+    except Exception as exc:
+        raise InputError(
+            f"model '{reference}' is not a local directory and could not be fetched from the "
+            f"Hugging Face Hub ({type(exc).__name__}: {exc}). Download it first and give its local path."
+        ) from exc
+    return Path(local)
+
+
+class Checkpoint:
+    """A Hugging Face causal-LM directory with safetensors weights, read lazily.
+
+    Opening validates the directory and reads every shard's header; ``get_tensor``
+    reads one tensor through a memory map. Safe to call from several threads.
+    """
+
+    def __init__(self, reference: str | os.PathLike[str]):
+        self.reference = str(reference)
+        self.path = resolve_model_dir(self.reference)
+        if not self.path.is_dir():
+            raise InputError(f"model path '{self.path}' is a file, not a model directory.")
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise InputError(
+                f"{self.path}: no config.json, so this is not a Hugging Face model directory."
+            )
+        try:
+            self.config: dict[str, Any] = json.loads(config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{config_path}: invalid JSON ({exc}).") from exc
+        self.tensors: dict[str, TensorInfo] = self._read_headers()
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _read_headers(self) -> dict[str, TensorInfo]:
+        index_path = self.path / INDEX_FILE
+        single_path = self.path / SINGLE_FILE
+        if index_path.is_file():
+            try:
+                weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise InputError(f"{index_path}: malformed index ({exc}); expected a 'weight_map'.") from exc
+            infos: dict[str, TensorInfo] = {}
+            for shard in sorted(set(weight_map.values())):
+                shard_path = self.path / shard
+                if not shard_path.is_file():
+                    raise InputError(f"{index_path}: lists shard '{shard}', which is missing from {self.path}.")
+                infos.update(read_safetensors_header(shard_path))
+            missing = sorted(set(weight_map) - set(infos))
+            if missing:
+                raise InputError(
+                    f"{index_path}: tensor '{missing[0]}' is listed in the index but absent from its shard "
+                    f"({len(missing)} such tensors)."
+                )
+            return {name: infos[name] for name in weight_map}
+        if single_path.is_file():
+            return read_safetensors_header(single_path)
+        shards = sorted(self.path.glob("*.safetensors"))
+        if shards:
+            infos = {}
+            for shard in shards:
+                infos.update(read_safetensors_header(shard))
+            return infos
+        _refuse_pickles(self.path)
+        raise AssertionError("unreachable")
+
+    # ---- facts -------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.reference
+
+    @property
+    def num_layers(self) -> int | None:
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            value = self.config.get(key)
+            if isinstance(value, int):
+                return value
+        text_config = self.config.get("text_config")
+        if isinstance(text_config, dict) and isinstance(text_config.get("num_hidden_layers"), int):
+            return text_config["num_hidden_layers"]
+        return None
+
+    @property
+    def tokenizer_files(self) -> list[Path]:
+        return [self.path / name for name in TOKENIZER_FILES if (self.path / name).is_file()]
+
+    def __contains__(self, tensor_name: str) -> bool:
+        return tensor_name in self.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def info(self, tensor_name: str) -> TensorInfo:
+        try:
+            return self.tensors[tensor_name]
+        except KeyError:
+            raise InputError(f"{self.path}: has no tensor '{tensor_name}'.") from None
+
+    # ---- data --------------------------------------------------------------------------
+    def _fd(self, file: str) -> int:
+        with self._lock:
+            fd = self._fds.get(file)
+            if fd is None:
+                fd = os.open(self.path / file, os.O_RDONLY)
+                self._fds[file] = fd
+            return fd
+
+    def get_tensor(self, tensor_name: str):
+        """Read one tensor into a fresh CPU tensor the caller owns.
+
+        Plain positioned reads into a preallocated tensor rather than a memory map: one
+        copy from the page cache, and no mapped pages lingering in the process's
+        resident memory after the tensor is dropped.
+        """
+        import torch
+
+        info = self.info(tensor_name)
+        tensor = torch.empty(info.shape, dtype=getattr(torch, info.dtype))
+        if info.nbytes:
+            buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+            fd = self._fd(info.file)
+            done = 0
+            while done < info.nbytes:
+                count = os.preadv(fd, [buffer[done:]], info.offset + done)
+                if count == 0:
+                    raise InputError(f"{self.path / info.file}: unexpected end of file reading '{tensor_name}'.")
+                done += count
+        return tensor
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.reference!r}, {len(self.tensors)} tensors)"

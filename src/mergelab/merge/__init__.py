@@ -1,0 +1,102 @@
+"""``mergelab merge``: recipe -> plan -> engine -> a Hugging Face model directory.
+
+    config.load -> merge.plan_merge -> engine.run(tasks, ShardedWriter)
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from mergelab.config import load_config
+from mergelab.merge.output import write_model_files
+from mergelab.merge.plan import MergePlan, MethodCall, plan_merge
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MergeOptions", "MergePlan", "MergeResult", "MethodCall", "describe_plan", "load_and_plan", "plan_merge", "run_merge"]
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    device: str = "cpu"
+    threads: Optional[int] = None
+    out_shard_size: str = "5GB"
+    force: bool = False
+    seed: Optional[int] = None
+    prefetch: int = 2
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    out_dir: Path
+    tensors: int
+    seconds: float
+    seed: Optional[int]
+
+
+def load_and_plan(config_path: str | Path, seed: Optional[int] = None) -> tuple[MergePlan, str]:
+    """Read, validate and plan a merge recipe (reads only headers); also return its text."""
+    config, text = load_config(config_path)
+    return plan_merge(config, str(config_path), seed), text
+
+
+def run_merge(config_path: str | Path, out_dir: str | Path, options: MergeOptions = MergeOptions()) -> MergeResult:
+    """Merge as ``config_path`` says into ``out_dir`` (written under a temporary name, then renamed)."""
+    from mergelab import engine
+    from mergelab.io import OutputDirectory, ShardedWriter, parse_size
+
+    shard_bytes = parse_size(options.out_shard_size)
+    output = OutputDirectory(out_dir, force=options.force)
+    seed = options.seed if options.seed is not None else secrets.randbelow(2**31)
+    plan, text = load_and_plan(config_path, seed)
+    if plan.seed is not None and options.seed is None:
+        log.warning("no --seed given for random method %s; using seed %d (recorded in the model card)",
+                    plan.method.name, seed)
+    engine.resolve_device(options.device)
+    if options.threads:
+        import torch
+
+        torch.set_num_threads(options.threads)
+    with output as temporary:
+        writer = ShardedWriter(temporary, plan.layout, shard_bytes)
+        try:
+            stats = engine.run(
+                plan.tasks, plan.checkpoints, writer, device=options.device,
+                prefetch=options.prefetch, progress=options.progress,
+            )
+        except BaseException:
+            writer.abort()
+            raise
+        write_model_files(temporary, plan, text)
+    return MergeResult(output.destination, stats.tasks, stats.seconds, plan.seed)
+
+
+def describe_plan(plan: MergePlan, prefetch: int = 2) -> str:
+    """A human-readable plan for ``--dry-run``."""
+    lines = [
+        f"merge_method: {plan.method.name}",
+        "inputs:",
+    ]
+    for reference, checkpoint in plan.checkpoints.items():
+        lines.append(f"  {reference}: {checkpoint.path} ({len(checkpoint.tensors)} tensors)")
+    total = sum(task.out_bytes for task in plan.tasks)
+    lines.append(f"output: {len(plan.tasks)} tensors, {total / 1e6:.1f} MB")
+    if plan.seed is not None:
+        lines.append(f"seed: {plan.seed}")
+    lines.append("")
+    for task in plan.tasks:
+        sources = ", ".join(str(ref) for ref in task.inputs)
+        lines.append(f"{task.output}  {list(task.shape)} {task.out_dtype}")
+        lines.append(f"    from {sources}")
+        lines.append(f"    {task.op.description}")
+    lines.append("")
+    lines.append(
+        f"estimated peak tensor memory: {plan.peak_bytes_estimate(prefetch) / 1e6:.1f} MB "
+        f"(largest task, its workspace and a prefetch window of {prefetch})"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,386 @@
+"""Planner: a merge recipe plus input headers become a list of ``TensorTask``s.
+
+Everything that can be wrong with a recipe or its inputs is found here, before any
+tensor is read: unknown methods and parameters, missing or out-of-range values, model
+directories, missing or extra tensors, shape mismatches, layer ranges.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+from mergelab.arch import parse_name, with_layer_index
+from mergelab.config import MergeConfig, SettingScope, check_parameters, resolve_tensor_params
+from mergelab.engine import TensorRef, TensorTask
+from mergelab.errors import ConfigError, InputError
+from mergelab.io import Checkpoint, OutputTensor
+from mergelab.methods import MergeMethod, get_method
+
+
+def _freeze(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def tensor_seed(seed: int, tensor_name: str) -> int:
+    """A per-tensor seed, so random methods give the same result whatever the execution order."""
+    digest = hashlib.sha256(f"{seed}:{tensor_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@dataclass(frozen=True)
+class MethodCall:
+    """A ``TensorTask`` op: run registered method ``method`` on the loaded inputs.
+
+    ``base_index`` is the position of the base model's tensor among the inputs (None when
+    the method has no base); ``params`` are fully resolved for this tensor.
+    """
+
+    method: str
+    base_index: Optional[int]
+    params: tuple[tuple[str, Any], ...]
+    seed: Optional[int] = None
+
+    def __call__(self, inputs: list[Any]) -> Any:
+        import torch
+
+        method = get_method(self.method)
+        params = {name: list(value) if isinstance(value, tuple) else value for name, value in self.params}
+        if method.random:
+            generator = torch.Generator(device=inputs[0].device)
+            generator.manual_seed(self.seed if self.seed is not None else 0)
+            params["generator"] = generator
+        base = inputs[self.base_index] if self.base_index is not None else None
+        others = [tensor for index, tensor in enumerate(inputs) if index != self.base_index]
+        return method(others, base=base, **params)
+
+    @property
+    def description(self) -> str:
+        shown = ", ".join(f"{name}={_fmt(value)}" for name, value in self.params)
+        return f"{self.method}({shown})"
+
+
+@dataclass(frozen=True)
+class CopyInput:
+    """A ``TensorTask`` op that copies input ``index`` (non-float buffers)."""
+
+    index: int = 0
+
+    def __call__(self, inputs: list[Any]) -> Any:
+        return inputs[self.index]
+
+    @property
+    def description(self) -> str:
+        return f"copy(input {self.index})"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+@dataclass
+class MergePlan:
+    """Everything needed to run (or print) a merge."""
+
+    config: MergeConfig
+    method: MergeMethod
+    checkpoints: dict[str, Checkpoint]
+    tasks: list[TensorTask]
+    out_config: dict[str, Any]
+    tokenizer_model: Optional[str]
+    seed: Optional[int]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def layout(self) -> list[OutputTensor]:
+        return [OutputTensor(task.output, task.shape, task.out_dtype) for task in self.tasks]
+
+    def peak_bytes_estimate(self, prefetch: int = 2) -> int:
+        """Resident tensor bytes at the worst point of the run.
+
+        The task being computed holds its inputs, a workspace of about one working copy
+        per input (task vectors, masks) and its output; up to ``prefetch`` following
+        tasks hold their loaded inputs; one finished output waits for the writer.
+        """
+        sizes = []
+        for task in self.tasks:
+            inputs = task.input_bytes(self.checkpoints)
+            sizes.append((inputs, 2 * inputs + 2 * task.out_bytes))
+        peak = 0
+        for index, (_, working) in enumerate(sizes):
+            ahead = sum(loaded for loaded, _ in sizes[index + 1 : index + 1 + prefetch])
+            peak = max(peak, working + ahead)
+        return peak
+
+
+# ---------------------------------------------------------------------------------------
+# Planning
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Source:
+    """One input of an output slice: a model, its first layer, its parameter scopes."""
+
+    model: str
+    start: int
+    scopes: tuple[SettingScope, ...]
+
+
+@dataclass(frozen=True)
+class _Slice:
+    sources: tuple[_Source, ...]
+    length: int
+    base: Optional[str]
+    shared_scopes: tuple[SettingScope, ...]
+    where: str
+
+
+class _Planner:
+    def __init__(self, config: MergeConfig, source: str, seed: Optional[int]):
+        self.config = config
+        self.source = source
+        self.seed = seed
+        self.method = get_method(config.merge_method)
+        check_parameters(config, self.method, source)
+        self.checkpoints = {ref: Checkpoint(ref) for ref in config.referenced_models()}
+        self.top = SettingScope(config.parameters, f"{source}: parameters")
+        self.tasks: list[TensorTask] = []
+        self.covered: dict[str, set[str]] = {}  # model -> input tensor names some output accounts for
+        self.out_layers = 0
+
+    # ---- recipe -> slices ----------------------------------------------------------------
+    def slices(self) -> list[_Slice]:
+        config = self.config
+        if config.models is not None:
+            entries = [
+                _Source(e.model, 0, (SettingScope(e.parameters, f"{self.source}: models[{i}].parameters"), self.top))
+                for i, e in enumerate(config.models)
+            ]
+            if config.base_model and config.base_model not in {e.model for e in entries}:
+                entries.append(_Source(config.base_model, 0, (self.top,)))
+            lengths = {e.model: self._num_layers(e.model) for e in entries}
+            if len(set(lengths.values())) > 1:
+                detail = ", ".join(f"{m}: {n}" for m, n in lengths.items())
+                raise InputError(
+                    f"{self.source}: input models have different numbers of layers ({detail}); "
+                    "use 'slices' with layer_range to choose matching layers."
+                )
+            length = next(iter(lengths.values()))
+            return [_Slice(tuple(entries), length, config.base_model, (self.top,), f"{self.source}: models")]
+        result = []
+        for index, output_slice in enumerate(config.slices or []):
+            where = f"{self.source}: slices[{index}]"
+            scope = SettingScope(output_slice.parameters, f"{where}.parameters")
+            sources = []
+            for j, src in enumerate(output_slice.sources):
+                start, end = src.layer_range
+                layers = self._num_layers(src.model)
+                if end > layers:
+                    raise ConfigError(
+                        f"{where}.sources[{j}].layer_range {list(src.layer_range)}: model '{src.model}' has "
+                        f"only {layers} layers (valid ranges end at {layers} or less)."
+                    )
+                sources.append(
+                    _Source(
+                        src.model,
+                        start,
+                        (SettingScope(src.parameters, f"{where}.sources[{j}].parameters"), scope, self.top),
+                    )
+                )
+            lengths = {s.layer_range[1] - s.layer_range[0] for s in output_slice.sources}
+            if len(lengths) != 1:
+                raise ConfigError(f"{where}: all sources of a slice must span the same number of layers.")
+            base = output_slice.base_model or config.base_model
+            if self.method.needs_base and base is not None and base not in {s.model for s in sources}:
+                raise ConfigError(
+                    f"{where}: base_model '{base}' is not among this slice's sources; add it with a layer_range."
+                )
+            result.append(_Slice(tuple(sources), lengths.pop(), base, (scope, self.top), where))
+        return result
+
+    def _num_layers(self, model: str) -> int:
+        checkpoint = self.checkpoints[model]
+        layers = {parse_name(name).layer for name in checkpoint.tensors} - {None}
+        found = max(layers) + 1 if layers else 0
+        declared = checkpoint.num_layers
+        return declared if declared is not None else found
+
+    # ---- slices -> tasks -----------------------------------------------------------------
+    def check_contract(self, output_slice: _Slice) -> None:
+        method = self.method
+        models = [s.model for s in output_slice.sources]
+        if method.needs_base and output_slice.base is None:
+            raise ConfigError(f"{self.source}: merge_method {method.name} needs a base_model; add 'base_model:'.")
+        count = len([m for m in models if not method.needs_base or m != output_slice.base])
+        if count < method.min_models or (method.max_models is not None and count > method.max_models):
+            wanted = (
+                f"exactly {method.min_models}"
+                if method.max_models == method.min_models
+                else f"at least {method.min_models}" + (f" and at most {method.max_models}" if method.max_models else "")
+            )
+            what = "models besides the base" if method.needs_base else "models"
+            raise ConfigError(f"{output_slice.where}: merge_method {method.name} takes {wanted} {what}, got {count}.")
+
+    def plan_tensor(self, output_slice: _Slice, output: str, names: Sequence[str], t: float) -> None:
+        """One output tensor from ``names[i]`` of ``output_slice.sources[i]``."""
+        sources = output_slice.sources
+        infos = []
+        for source, name in zip(sources, names):
+            checkpoint = self.checkpoints[source.model]
+            if name not in checkpoint:
+                raise InputError(
+                    f"tensor '{name}' is missing from model '{source.model}' but needed for output '{output}'; "
+                    "the inputs must share an architecture."
+                )
+            infos.append(checkpoint.info(name))
+            self.covered.setdefault(source.model, set()).add(name)
+        shapes = {info.shape for info in infos}
+        if len(shapes) > 1:
+            detail = ", ".join(f"{s.model}: {list(i.shape)}" for s, i in zip(sources, infos))
+            raise InputError(f"tensor '{names[0]}' has different shapes across inputs ({detail}).")
+        base_index = None
+        if self.method.needs_base:
+            base_index = next(i for i, s in enumerate(sources) if s.model == output_slice.base)
+        refs = tuple(TensorRef(s.model, n) for s, n in zip(sources, names))
+        shape = infos[0].shape
+        if not all(info.is_floating_point for info in infos):
+            keep = base_index if base_index is not None else 0
+            self.tasks.append(
+                TensorTask(output, (refs[keep],), CopyInput(0), shape, infos[keep].dtype, None)
+            )
+            return
+        per_model = [(s.model, n, s.scopes) for i, (s, n) in enumerate(zip(sources, names)) if i != base_index]
+        params = resolve_tensor_params(
+            self.method, output_name=output, t=t, shared_scopes=output_slice.shared_scopes, models=per_model
+        )
+        seed = tensor_seed(self.seed or 0, output) if self.method.random else None
+        op = MethodCall(
+            self.method.name, base_index, tuple((k, _freeze(v)) for k, v in params.items()), seed
+        )
+        work = self.config.dtype
+        if work is None:
+            import torch
+
+            promoted = getattr(torch, infos[0].dtype)
+            for info in infos[1:]:
+                promoted = torch.promote_types(promoted, getattr(torch, info.dtype))
+            work = str(promoted).removeprefix("torch.")
+        self.tasks.append(TensorTask(output, refs, op, shape, self.config.out_dtype or work, self.config.dtype))
+
+    def plan(self) -> list[TensorTask]:
+        self.planned_slices = slices = self.slices()
+        for output_slice in slices:
+            self.check_contract(output_slice)
+        reference = self.reference_model(slices)
+        checkpoint = self.checkpoints[reference]
+        globals_ = [n for n in checkpoint.tensors if parse_name(n).layer is None]
+        pre = [n for n in globals_ if _is_pre_layers(parse_name(n).role)]
+        post = [n for n in globals_ if n not in pre]
+        for name in pre:
+            self.plan_tensor(slices[0], name, [name] * len(slices[0].sources), 0.0)
+        for output_slice in slices:
+            self.plan_slice(output_slice)
+        for name in post:
+            self.plan_tensor(slices[-1], name, [name] * len(slices[-1].sources), 0.0)
+        self.check_extra_tensors(slices)
+        return self.tasks
+
+    def plan_slice(self, output_slice: _Slice) -> None:
+        first = output_slice.sources[0]
+        layered: dict[int, list[str]] = {}
+        for name in self.checkpoints[first.model].tensors:
+            layer = parse_name(name).layer
+            if layer is not None:
+                layered.setdefault(layer, []).append(name)
+        for offset in range(output_slice.length):
+            t = offset / (output_slice.length - 1) if output_slice.length > 1 else 1.0
+            templates = layered.get(first.start + offset, [])
+            if not templates:
+                raise InputError(f"model '{first.model}' has no tensors for layer {first.start + offset}.")
+            for template in templates:
+                names = [with_layer_index(template, s.start + offset) for s in output_slice.sources]
+                self.plan_tensor(output_slice, with_layer_index(template, self.out_layers), names, t)
+            self.out_layers += 1
+
+    def reference_model(self, slices: list[_Slice]) -> str:
+        return self.config.base_model or slices[0].sources[0].model
+
+    def check_extra_tensors(self, slices: list[_Slice]) -> None:
+        """Every tensor of every input must feed some output; otherwise the inputs differ."""
+        for index, output_slice in enumerate(slices):
+            for source in output_slice.sources:
+                covered = self.covered.get(source.model, set())
+                for name in self.checkpoints[source.model].tensors:
+                    parsed = parse_name(name)
+                    if parsed.layer is None:  # embeddings come from the first slice, the rest from the last
+                        relevant = index == (0 if _is_pre_layers(parsed.role) else len(slices) - 1)
+                    else:
+                        relevant = source.start <= parsed.layer < source.start + output_slice.length
+                    if relevant and name not in covered:
+                        raise InputError(
+                            f"model '{source.model}' has tensor '{name}' that the other inputs lack; the inputs "
+                            "must share an architecture (same tensor names)."
+                        )
+
+
+def _is_pre_layers(role: str) -> bool:
+    """Tensors outside the layers that come before them (embeddings); the rest come after."""
+    return role in ("embed", "position_embed")
+
+
+def _output_config(plan_config: MergeConfig, checkpoints: dict[str, Checkpoint], reference: str,
+                   layer_sources: list[tuple[str, int]]) -> dict[str, Any]:
+    """config.json of the result: the reference model's, with dtype and layer count updated."""
+    out = copy.deepcopy(checkpoints[reference].config)
+    dtype = plan_config.out_dtype or plan_config.dtype
+    if dtype:
+        out["dtype"] = dtype
+        if "torch_dtype" in out:
+            out["torch_dtype"] = dtype
+    original_layers = checkpoints[reference].num_layers
+    if layer_sources and original_layers is not None and len(layer_sources) != original_layers:
+        # Per-layer lists (e.g. layer_types) follow the layers they describe.
+        for key, value in list(out.items()):
+            if isinstance(value, list) and len(value) == original_layers:
+                rebuilt = []
+                for model, layer in layer_sources:
+                    source_value = checkpoints[model].config.get(key)
+                    if not isinstance(source_value, list) or layer >= len(source_value):
+                        break
+                    rebuilt.append(source_value[layer])
+                else:
+                    out[key] = rebuilt
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if key in out:
+                out[key] = len(layer_sources)
+    return out
+
+
+def plan_merge(config: MergeConfig, source: str = "<config>", seed: Optional[int] = None) -> MergePlan:
+    """Validate ``config`` against its inputs' headers and plan every output tensor."""
+    planner = _Planner(config, source, seed)
+    tasks = planner.plan()
+    slices = planner.planned_slices
+    layer_sources = [(s.sources[0].model, s.sources[0].start + o) for s in slices for o in range(s.length)]
+    reference = planner.reference_model(slices)
+    tokenizer_model = config.base_model or reference
+    if config.tokenizer_source not in (None, "base"):
+        tokenizer_model = config.tokenizer_source
+        if tokenizer_model not in planner.checkpoints:
+            planner.checkpoints[tokenizer_model] = Checkpoint(tokenizer_model)
+    return MergePlan(
+        config=config,
+        method=planner.method,
+        checkpoints=planner.checkpoints,
+        tasks=tasks,
+        out_config=_output_config(config, planner.checkpoints, reference, layer_sources),
+        tokenizer_model=tokenizer_model,
+        seed=seed if planner.method.random else None,
+    )

@@ -1,0 +1,51 @@
+"""Weighted averages and copies: ``linear`` and ``passthrough``."""
+
+from __future__ import annotations
+
+import torch
+
+from mergelab.errors import ConfigError
+from mergelab.methods.registry import Param, merge_method
+
+
+def _check_weights_sum(params: dict, where: str) -> None:
+    if params.get("normalize", True) and abs(sum(params["weight"])) < 1e-12:
+        raise ConfigError(
+            f"{where}: linear weights sum to zero, so normalize would divide by zero; "
+            "change the weights or set normalize: false."
+        )
+
+
+@merge_method(
+    "linear",
+    params=(
+        Param("weight", per_model=True, help="each model's coefficient"),
+        Param("normalize", type=bool, default=True, help="divide by Σ weight"),
+    ),
+    needs_base=False,
+    paper="Model soups (Wortsman et al., 2022) https://arxiv.org/abs/2203.05482",
+    check=_check_weights_sum,
+)
+def linear(tensors, *, weight, normalize=True):
+    """θ = Σ_i w_i θ_i  (÷ Σ_i w_i if normalize); computed in float32 (float64 inputs stay float64)."""
+    first = tensors[0]
+    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    result = torch.zeros(first.shape, dtype=dtype, device=first.device)
+    for tensor, coefficient in zip(tensors, weight):
+        result.add_(tensor.to(dtype), alpha=coefficient)
+    if normalize:
+        result.div_(sum(weight))
+    return result.to(first.dtype)
+
+
+@merge_method(
+    "passthrough",
+    params=(Param("scale", default=None, per_model=True, help="optional factor applied to the copy"),),
+    needs_base=False,
+    max_models=1,
+)
+def passthrough(tensors, *, scale=None):
+    """θ = θ_1 (× scale if given): copy tensors unchanged, e.g. to stack layers from slices."""
+    (tensor,) = tensors
+    factor = scale[0] if scale else None
+    return tensor if factor is None else tensor * factor

@@ -1,0 +1,203 @@
+"""One registry of merge methods, filled by the ``@merge_method`` decorator.
+
+A method declares its name, its parameters (type, default, range, whether each input
+model has its own value) and whether it needs a base model, next to the function that
+computes it. The config layer, the planner, ``--dry-run`` and ``docs/methods.md`` learn
+everything about a method from that declaration; nothing else lists methods.
+
+Calling convention (what the planner does): ``function(tensors, base=base, **params)``
+when the method needs a base, else ``function(tensors, **params)``. ``tensors`` are the
+non-base inputs in config order; a per-model parameter arrives as a list aligned with
+``tensors``. Methods that sample receive ``generator`` (a seeded ``torch.Generator``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from mergelab.errors import ConfigError
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "required"
+
+
+REQUIRED: Any = _Required()
+
+
+@dataclass(frozen=True)
+class Param:
+    """A parameter a method accepts.
+
+    ``per_model``: each input model may carry its own value (mergekit's per-model
+    parameters); otherwise one value per output tensor. ``low``/``high`` bound numbers
+    (inclusive unless ``open_low``/``open_high``).
+    """
+
+    name: str
+    type: type = float
+    default: Any = REQUIRED
+    per_model: bool = False
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    choices: tuple[Any, ...] | None = None
+    help: str = ""
+    argument: str | None = None  # Python argument name when ``name`` is a keyword ("lambda")
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    @property
+    def arg_name(self) -> str:
+        return self.argument or self.name
+
+    def validate(self, value: Any, where: str) -> Any:
+        """Coerce ``value`` to this parameter's type and check its range; raise ConfigError."""
+        if self.type is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, (int, float)) and value in (0, 1):
+                return bool(value)
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+                return value.lower() in ("true", "yes")
+            raise ConfigError(f"{where}: '{self.name}' must be true or false, got {value!r}.")
+        if self.type in (float, int):
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise ConfigError(f"{where}: '{self.name}' must be a number, got {value!r}.")
+            try:
+                number = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: '{self.name}' must be a number, got {value!r}.") from None
+            if not math.isfinite(number):
+                raise ConfigError(f"{where}: '{self.name}' must be finite, got {value!r}.")
+            if self.low is not None and (number < self.low or (self.open_low and number == self.low)):
+                raise ConfigError(f"{where}: '{self.name}' = {value!r} is out of range; {self.range_text()}.")
+            if self.high is not None and (number > self.high or (self.open_high and number == self.high)):
+                raise ConfigError(f"{where}: '{self.name}' = {value!r} is out of range; {self.range_text()}.")
+            if self.type is int:
+                if number != int(number):
+                    raise ConfigError(f"{where}: '{self.name}' must be a whole number, got {value!r}.")
+                return int(number)
+            return number
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(
+                f"{where}: '{self.name}' = {value!r} is not one of {', '.join(map(repr, self.choices))}."
+            )
+        return value
+
+    def range_text(self) -> str:
+        low = "(" if self.open_low else "["
+        high = ")" if self.open_high else "]"
+        lo = "-inf" if self.low is None else f"{self.low:g}"
+        hi = "inf" if self.high is None else f"{self.high:g}"
+        return f"it must lie in {low}{lo}, {hi}{high}"
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method: its declaration and the function that computes it."""
+
+    name: str
+    function: Callable[..., Any]
+    params: tuple[Param, ...]
+    needs_base: bool
+    min_models: int
+    max_models: int | None
+    random: bool
+    paper: str | None
+    differs_from_mergekit: str | None
+    accepted_without_effect: tuple[str, ...]
+    check: Callable[[dict[str, Any], str], None] | None = field(default=None, compare=False)
+
+    @property
+    def summary(self) -> str:
+        doc = inspect.getdoc(self.function) or ""
+        return doc.split("\n\n")[0].replace("\n", " ")
+
+    @property
+    def doc(self) -> str:
+        return inspect.getdoc(self.function) or ""
+
+    def param(self, name: str) -> Param | None:
+        for param in self.params:
+            if param.name == name:
+                return param
+        return None
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+    def __call__(self, tensors: list[Any], base: Any = None, **params: Any) -> Any:
+        """Run the method on already-resolved parameters (names as declared)."""
+        kwargs = {}
+        for param in self.params:
+            if param.name in params:
+                kwargs[param.arg_name] = params[param.name]
+        if self.random:
+            kwargs["generator"] = params.get("generator")
+        if self.needs_base:
+            return self.function(tensors, base=base, **kwargs)
+        return self.function(tensors, **kwargs)
+
+
+REGISTRY: dict[str, MergeMethod] = {}
+
+
+def merge_method(
+    name: str,
+    *,
+    params: tuple[Param, ...] = (),
+    needs_base: bool = True,
+    min_models: int = 1,
+    max_models: int | None = None,
+    random: bool = False,
+    paper: str | None = None,
+    differs_from_mergekit: str | None = None,
+    accepted_without_effect: tuple[str, ...] = (),
+    check: Callable[[dict[str, Any], str], None] | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``function`` as merge method ``name`` (see module docstring for the contract)."""
+
+    def register(function: Callable[..., Any]) -> Callable[..., Any]:
+        if name in REGISTRY:
+            raise ValueError(f"merge method '{name}' is registered twice")
+        REGISTRY[name] = MergeMethod(
+            name=name,
+            function=function,
+            params=params,
+            needs_base=needs_base,
+            min_models=min_models,
+            max_models=max_models,
+            random=random,
+            paper=paper,
+            differs_from_mergekit=differs_from_mergekit,
+            accepted_without_effect=accepted_without_effect,
+            check=check,
+        )
+        return function
+
+    return register
+
+
+def get_method(name: str) -> MergeMethod:
+    import mergelab.methods  # noqa: F401  (importing the package registers every method)
+
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(REGISTRY))
+        raise ConfigError(f"unknown merge_method '{name}'. Known methods: {known}.") from None
+
+
+def all_methods() -> list[MergeMethod]:
+    import mergelab.methods  # noqa: F401
+
+    return [REGISTRY[name] for name in sorted(REGISTRY)]

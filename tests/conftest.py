@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny real checkpoints (random Llama / Mistral / Qwen2) built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mergelab.zoo.random_models import make_model, make_variant
+
+FAMILIES = ("llama", "mistral", "qwen2")
+
+
+class ModelSet:
+    """A base model and fine-tune-like variants of one family, on disk."""
+
+    def __init__(self, root: Path, family: str, variants: int = 3, **sizes: Any):
+        self.root = root
+        self.family = family
+        self.base = make_model(root / "base", family, seed=0, **sizes)
+        self.variants = [
+            make_variant(self.base, root / f"ft{i}", seed=100 + i, scale=0.05, sparsity=0.3)
+            for i in range(1, variants + 1)
+        ]
+
+    def path(self, name: str) -> str:
+        return str(self.root / name)
+
+
+@pytest.fixture(scope="session")
+def model_sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModelSet]:
+    sets = {}
+    for family in FAMILIES:
+        sets[family] = ModelSet(tmp_path_factory.mktemp(family), family, layers=4)
+    return sets
+
+
+@pytest.fixture(scope="session")
+def llama(model_sets: dict[str, ModelSet]) -> ModelSet:
+    return model_sets["llama"]
