@@ -22,8 +22,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m mergelab.demo
 
+# Every benchmarks/*_vs_*.py compares mergelab with its peer tool and prints the ratios.
 bench: $(STAMP)
-	$(PY) benchmarks/merge_vs_mergekit.py
+	@set -e; for script in benchmarks/*_vs_*.py; do echo "== $$script"; $(PY) $$script; done
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
