@@ -12,10 +12,10 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from mergelab.engine.task import TensorSource, TensorTask
+from mergelab.engine.task import TaskOutput, TensorSource, TensorTask
 from mergelab.errors import ComputeError, InputError
 from mergelab.io.writer import TensorSink
 
@@ -28,6 +28,7 @@ class RunStats:
     bytes_read: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # task name -> its op's metrics
 
 
 def resolve_device(device: str) -> Any:
@@ -52,6 +53,8 @@ def _load(task: TensorTask, sources: Mapping[str, TensorSource], device: Any) ->
         if device.type != "cpu":
             tensor = tensor.to(device, non_blocking=True)
         tensors.append(tensor)
+    if not tensors:
+        return tensors, 0
     if task.work_dtype is not None:
         work = getattr(torch, task.work_dtype)
     else:
@@ -94,22 +97,14 @@ def run(
             if following < len(tasks):
                 pending_loads.append(reader.submit(_load, tasks[following], sources, target))
             with torch.no_grad():
-                result = task.op(inputs)
+                results = _finish(task, task.op(inputs), stats)
                 del inputs
-                if result.is_floating_point() and not bool(torch.isfinite(result).all()):
-                    raise ComputeError(
-                        f"output tensor '{task.output}' contains NaN or infinite values. Check the inputs of this "
-                        "tensor for non-finite values and the method's weights (e.g. weights summing to zero)."
-                    )
-                result = result.to(dtype=getattr(torch, task.out_dtype)).cpu()
-            if tuple(result.shape) != task.shape:
-                raise ComputeError(f"output tensor '{task.output}' has shape {tuple(result.shape)}, planned {task.shape}.")
             if pending_write is not None:
                 pending_write.result()
-            pending_write = writer.submit(sink.write, task.output, result)
-            stats.bytes_written += result.numel() * result.element_size()
+            pending_write = writer.submit(_write_all, sink, task, results)
+            stats.bytes_written += sum(result.numel() * result.element_size() for result in results)
             stats.tasks += 1
-            del result
+            del results
             if bar is not None:
                 bar[0].advance(bar[1])
         if pending_write is not None:
@@ -132,6 +127,35 @@ def run(
         stats.seconds,
     )
     return stats
+
+
+def _finish(task: TensorTask, produced: Any, stats: RunStats) -> list[Any]:
+    """Check and convert an op's result: one CPU tensor per planned output, in its dtype."""
+    import torch
+
+    if isinstance(produced, TaskOutput):
+        if produced.metrics:
+            stats.metrics[task.name] = dict(produced.metrics)
+        produced = produced.tensors
+    tensors = list(produced) if isinstance(produced, (tuple, list)) else [produced]
+    if len(tensors) != len(task.outputs):
+        raise ComputeError(f"task for '{task.name}' produced {len(tensors)} tensors, planned {len(task.outputs)}.")
+    results = []
+    for output, tensor in zip(task.outputs, tensors):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ComputeError(
+                f"output tensor '{output.name}' contains NaN or infinite values. Check the inputs of this "
+                "tensor for non-finite values and the method's weights (e.g. weights summing to zero)."
+            )
+        if tuple(tensor.shape) != output.shape:
+            raise ComputeError(f"output tensor '{output.name}' has shape {tuple(tensor.shape)}, planned {output.shape}.")
+        results.append(tensor.to(dtype=getattr(torch, output.dtype)).cpu())
+    return results
+
+
+def _write_all(sink: TensorSink, task: TensorTask, results: list[Any]) -> None:
+    for output, tensor in zip(task.outputs, results):
+        sink.write(output.name, tensor)
 
 
 def _progress(enabled: bool, description: str, total: int) -> tuple[Any, Any] | None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Protocol
 
 from mergelab.io.checkpoint import DTYPE_BYTES, TensorInfo
+from mergelab.io.writer import OutputTensor
 
 
 class TensorSource(Protocol):
@@ -28,29 +29,42 @@ class TensorRef:
 
 
 @dataclass(frozen=True)
-class TensorTask:
-    """Make output tensor ``output`` as ``op([inputs...])``.
+class TaskOutput:
+    """What an op may return instead of bare tensors: the tensors plus metrics to report.
 
-    ``op`` is a pure function of the loaded input tensors (already cast to
-    ``work_dtype`` and placed on the compute device); its result is cast to
-    ``out_dtype``. ``work_dtype`` None means: promote the inputs to a common dtype.
+    ``metrics`` (e.g. a reconstruction error) are collected by the engine in
+    ``RunStats.metrics`` under the task's first output name.
     """
 
-    output: str
+    tensors: tuple[Any, ...]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """Make the tensors ``outputs`` as ``op([inputs...])``.
+
+    ``op`` is a pure function of the loaded input tensors (already cast to
+    ``work_dtype`` and placed on the compute device). It returns one tensor (one
+    output), a tuple of tensors (one per output, in order) or a ``TaskOutput``. Each
+    result is cast to its output's dtype. ``work_dtype`` None means: promote the inputs
+    to a common dtype.
+    """
+
+    outputs: tuple[OutputTensor, ...]
     inputs: tuple[TensorRef, ...]
     op: Callable[[list[Any]], Any]
-    shape: tuple[int, ...]
-    out_dtype: str
     work_dtype: str | None = None
 
     @property
-    def out_bytes(self) -> int:
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count * DTYPE_BYTES[self.out_dtype]
+    def name(self) -> str:
+        return self.outputs[0].name
 
-    def input_bytes(self, sources: dict[str, TensorSource]) -> int:
+    @property
+    def out_bytes(self) -> int:
+        return sum(output.nbytes for output in self.outputs)
+
+    def input_bytes(self, sources: Mapping[str, TensorSource]) -> int:
         """Bytes the inputs occupy once loaded and cast to the working dtype."""
         total = 0
         for ref in self.inputs:
@@ -60,4 +74,5 @@ class TensorTask:
         return total
 
     def describe(self) -> str:
-        return f"{self.output} <- {getattr(self.op, 'description', repr(self.op))}"
+        names = ", ".join(output.name for output in self.outputs)
+        return f"{names} <- {getattr(self.op, 'description', repr(self.op))}"

@@ -91,7 +91,8 @@ def describe_plan(plan: MergePlan, prefetch: int = 2) -> str:
     lines.append("")
     for task in plan.tasks:
         sources = ", ".join(str(ref) for ref in task.inputs)
-        lines.append(f"{task.output}  {list(task.shape)} {task.out_dtype}")
+        for output in task.outputs:
+            lines.append(f"{output.name}  {list(output.shape)} {output.dtype}")
         lines.append(f"    from {sources}")
         lines.append(f"    {task.op.description}")
     lines.append("")

@@ -99,7 +99,7 @@ class MergePlan:
 
     @property
     def layout(self) -> list[OutputTensor]:
-        return [OutputTensor(task.output, task.shape, task.out_dtype) for task in self.tasks]
+        return [output for task in self.tasks for output in task.outputs]
 
     def peak_bytes_estimate(self, prefetch: int = 2) -> int:
         """Resident tensor bytes at the worst point of the run.
@@ -252,9 +252,7 @@ class _Planner:
         shape = infos[0].shape
         if not all(info.is_floating_point for info in infos):
             keep = base_index if base_index is not None else 0
-            self.tasks.append(
-                TensorTask(output, (refs[keep],), CopyInput(0), shape, infos[keep].dtype, None)
-            )
+            self.tasks.append(TensorTask((OutputTensor(output, shape, infos[keep].dtype),), (refs[keep],), CopyInput(0)))
             return
         per_model = [(s.model, n, s.scopes) for i, (s, n) in enumerate(zip(sources, names)) if i != base_index]
         params = resolve_tensor_params(
@@ -272,7 +270,9 @@ class _Planner:
             for info in infos[1:]:
                 promoted = torch.promote_types(promoted, getattr(torch, info.dtype))
             work = str(promoted).removeprefix("torch.")
-        self.tasks.append(TensorTask(output, refs, op, shape, self.config.out_dtype or work, self.config.dtype))
+        self.tasks.append(
+            TensorTask((OutputTensor(output, shape, self.config.out_dtype or work),), refs, op, self.config.dtype)
+        )
 
     def plan(self) -> list[TensorTask]:
         self.planned_slices = slices = self.slices()
