@@ -291,3 +291,13 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.reference!r}, {len(self.tensors)} tensors)"
+
+
+def open_model(reference: str) -> Checkpoint:
+    """Open a model reference as a tensor source: a model directory or a Hub ``org/name``.
+
+    This is the one place that maps the references users write in recipes to sources,
+    so that new kinds of reference (e.g. a base with an adapter applied on the fly) plug
+    in here and every planner understands them.
+    """
+    return Checkpoint(reference)

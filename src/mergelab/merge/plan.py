@@ -16,7 +16,7 @@ from mergelab.arch import parse_name, with_layer_index
 from mergelab.config import MergeConfig, SettingScope, check_parameters, resolve_tensor_params
 from mergelab.engine import TensorRef, TensorTask
 from mergelab.errors import ConfigError, InputError
-from mergelab.io import Checkpoint, OutputTensor
+from mergelab.io import Checkpoint, OutputTensor, open_model
 from mergelab.methods import MergeMethod, get_method
 
 
@@ -149,7 +149,7 @@ class _Planner:
         self.seed = seed
         self.method = get_method(config.merge_method)
         check_parameters(config, self.method, source)
-        self.checkpoints = {ref: Checkpoint(ref) for ref in config.referenced_models()}
+        self.checkpoints = {ref: open_model(ref) for ref in config.referenced_models()}
         self.top = SettingScope(config.parameters, f"{source}: parameters")
         self.tasks: list[TensorTask] = []
         self.covered: dict[str, set[str]] = {}  # model -> input tensor names some output accounts for
@@ -374,7 +374,7 @@ def plan_merge(config: MergeConfig, source: str = "<config>", seed: Optional[int
     if config.tokenizer_source not in (None, "base"):
         tokenizer_model = config.tokenizer_source
         if tokenizer_model not in planner.checkpoints:
-            planner.checkpoints[tokenizer_model] = Checkpoint(tokenizer_model)
+            planner.checkpoints[tokenizer_model] = open_model(tokenizer_model)
     return MergePlan(
         config=config,
         method=planner.method,
