@@ -19,7 +19,7 @@ output slice's, then the top-level ``parameters``. A setting that resolves to no
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from mergelab.errors import ConfigError
 from mergelab.methods.registry import MergeMethod, Param
@@ -97,7 +97,7 @@ class SettingScope:
     where: str
 
 
-def resolve_param(param: Param, scopes: Iterable[SettingScope], tensor_name: str, t: float, owner: str) -> Any:
+def resolve_param(param: Param, scopes: Sequence[SettingScope], tensor_name: str, t: float, owner: str) -> Any:
     for scope in scopes:
         if scope.settings is not None and param.name in scope.settings:
             value = evaluate_setting(
@@ -106,9 +106,9 @@ def resolve_param(param: Param, scopes: Iterable[SettingScope], tensor_name: str
             if value is not None:
                 return value
     if param.required:
+        places = " or ".join(dict.fromkeys(scope.where for scope in (scopes[0], scopes[-1])))
         raise ConfigError(
-            f"missing required parameter '{param.name}' for {owner} (tensor '{tensor_name}'); "
-            f"set it under the model's parameters or the top-level parameters."
+            f"missing required parameter '{param.name}' for {owner} (tensor '{tensor_name}'); set it in {places}."
         )
     return param.default
 

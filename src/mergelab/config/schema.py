@@ -129,19 +129,23 @@ class MergeConfig(_Strict):
             raise ValueError("tokenizer_source: union is not supported yet; use 'base' or a model path")
         return self
 
+    def model_fields(self) -> dict[str, str]:
+        """Every model the recipe reads, in first-mention order (base first), with the field naming it."""
+        fields: dict[str, str] = {}
+        if self.base_model:
+            fields.setdefault(self.base_model, "base_model")
+        for index, entry in enumerate(self.models or []):
+            fields.setdefault(entry.model, f"models[{index}].model")
+        for index, output_slice in enumerate(self.slices or []):
+            if output_slice.base_model:
+                fields.setdefault(output_slice.base_model, f"slices[{index}].base_model")
+            for j, source in enumerate(output_slice.sources):
+                fields.setdefault(source.model, f"slices[{index}].sources[{j}].model")
+        return fields
+
     def referenced_models(self) -> list[str]:
         """Every model the recipe reads, in first-mention order (base first)."""
-        seen: dict[str, None] = {}
-        if self.base_model:
-            seen[self.base_model] = None
-        for entry in self.models or []:
-            seen[entry.model] = None
-        for output_slice in self.slices or []:
-            if output_slice.base_model:
-                seen[output_slice.base_model] = None
-            for source in output_slice.sources:
-                seen[source.model] = None
-        return list(seen)
+        return list(self.model_fields())
 
 
 def _format_validation_error(source: str, error: ValidationError) -> str:

@@ -149,7 +149,12 @@ class _Planner:
         self.seed = seed
         self.method = get_method(config.merge_method)
         check_parameters(config, self.method, source)
-        self.checkpoints = {ref: open_model(ref) for ref in config.referenced_models()}
+        self.checkpoints = {}
+        for reference, field_name in config.model_fields().items():
+            try:
+                self.checkpoints[reference] = open_model(reference)
+            except InputError as exc:
+                raise InputError(f"{source}: {field_name}: {exc}") from None
         self.top = SettingScope(config.parameters, f"{source}: parameters")
         self.tasks: list[TensorTask] = []
         self.covered: dict[str, set[str]] = {}  # model -> input tensor names some output accounts for
@@ -293,7 +298,8 @@ class _Planner:
         return self.tasks
 
     def plan_slice(self, output_slice: _Slice) -> None:
-        first = output_slice.sources[0]
+        # Tensor names per layer come from the base when it is an input, else the first source.
+        first = next((s for s in output_slice.sources if s.model == output_slice.base), output_slice.sources[0])
         layered: dict[int, list[str]] = {}
         for name in self.checkpoints[first.model].tensors:
             layer = parse_name(name).layer

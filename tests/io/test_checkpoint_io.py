@@ -1,0 +1,114 @@
+"""Reading and writing safetensors checkpoints, checked against the safetensors library itself."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mergelab.errors import ConfigError, InputError
+from mergelab.io import Checkpoint, OutputDirectory, OutputTensor, ShardedWriter, parse_size
+
+
+def test_checkpoint_reads_what_safetensors_reads(llama):
+    checkpoint = Checkpoint(llama.path("ft1"))
+    reference = load_file(f"{llama.path('ft1')}/model.safetensors")
+    assert sorted(checkpoint.tensors) == sorted(reference)
+    for name, tensor in reference.items():
+        info = checkpoint.info(name)
+        assert info.shape == tuple(tensor.shape) and info.dtype == "float32"
+        assert torch.equal(checkpoint.get_tensor(name), tensor)
+    assert checkpoint.num_layers == 4
+    assert {p.name for p in checkpoint.tokenizer_files} >= {"tokenizer.json", "tokenizer_config.json"}
+
+
+def test_every_dtype_round_trips(tmp_path):
+    tensors = {
+        "bf16": torch.randn(3, 5).to(torch.bfloat16),
+        "f16": torch.randn(7).to(torch.float16),
+        "f64": torch.randn(2, 2, dtype=torch.float64),
+        "i64": torch.arange(5),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+    }
+    layout = [OutputTensor(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in tensors.items()]
+    writer = ShardedWriter(tmp_path, layout)
+    for name, tensor in reversed(list(tensors.items())):  # any write order
+        writer.write(name, tensor)
+    writer.close()
+    (tmp_path / "config.json").write_text("{}")
+    back = load_file(str(tmp_path / "model.safetensors"))
+    ours = Checkpoint(tmp_path)
+    for name, tensor in tensors.items():
+        assert torch.equal(back[name], tensor), name
+        assert torch.equal(ours.get_tensor(name), tensor), name
+
+
+def test_shards_and_index(tmp_path):
+    tensors = {f"t{i}": torch.full((250,), float(i)) for i in range(10)}  # 1000 bytes each
+    layout = [OutputTensor(name, (250,), "float32") for name in tensors]
+    writer = ShardedWriter(tmp_path, layout, max_shard_bytes=2500)
+    for name, tensor in tensors.items():
+        writer.write(name, tensor)
+    writer.close()
+    files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert files == [f"model-{i:05d}-of-00005.safetensors" for i in range(1, 6)]
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == 10_000
+    assert index["weight_map"]["t3"] == "model-00002-of-00005.safetensors"
+    (tmp_path / "config.json").write_text("{}")
+    checkpoint = Checkpoint(tmp_path)
+    assert torch.equal(checkpoint.get_tensor("t9"), tensors["t9"])
+
+
+def test_writer_rejects_unplanned_or_misshaped_tensors(tmp_path):
+    writer = ShardedWriter(tmp_path, [OutputTensor("a", (2,), "float32")])
+    with pytest.raises(ValueError, match="not part of the planned output"):
+        writer.write("b", torch.zeros(2))
+    with pytest.raises(ValueError, match="planned"):
+        writer.write("a", torch.zeros(3))
+    with pytest.raises(RuntimeError, match="never written"):
+        writer.close()
+
+
+def test_truncated_file_is_reported(tmp_path):
+    save_file({"a": torch.zeros(100)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text("{}")
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-50])
+    with pytest.raises(InputError, match="truncated"):
+        Checkpoint(tmp_path)
+
+
+def test_index_listing_a_missing_shard(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "gone.safetensors"}}))
+    with pytest.raises(InputError, match="gone.safetensors"):
+        Checkpoint(tmp_path)
+
+
+def test_output_directory_is_atomic(tmp_path):
+    destination = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with OutputDirectory(destination) as temporary:
+            (temporary / "half.txt").write_text("partial")
+            raise RuntimeError("boom")
+    assert not destination.exists() and list(tmp_path.iterdir()) == []
+    with OutputDirectory(destination) as temporary:
+        (temporary / "done.txt").write_text("complete")
+    assert (destination / "done.txt").read_text() == "complete"
+    with pytest.raises(ConfigError, match="--force"):
+        OutputDirectory(destination)
+    with OutputDirectory(destination, force=True) as temporary:
+        (temporary / "new.txt").write_text("new")
+    assert sorted(p.name for p in destination.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize(
+    "text, size", [("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("2GiB", 2 * 2**30), ("1e9", 10**9), ("100", 100)]
+)
+def test_parse_size(text, size):
+    assert parse_size(text) == size

@@ -1,0 +1,92 @@
+"""What `mergelab merge` writes beside the weights, and that transformers loads it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from helpers import load_model_tensors, run_mergelab, write_yaml
+from typer.testing import CliRunner
+
+from mergelab.cli import app
+
+FAMILIES = ("llama", "mistral", "qwen2")
+
+
+def ties_recipe(s, **extra):
+    return {
+        "models": [
+            {"model": s.path("ft1"), "parameters": {"weight": 1.0, "density": 0.5}},
+            {"model": s.path("ft2"), "parameters": {"weight": 0.5, "density": 0.5}},
+        ],
+        "base_model": s.path("base"),
+        "merge_method": "ties",
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_output_loads_and_generates(family, model_sets, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = run_mergelab(ties_recipe(model_sets[family], out_dtype="bfloat16"), tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("hello world", return_tensors="pt").input_ids
+    generated = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert generated.shape == (1, ids.shape[1] + 5)
+    merged = load_model_tensors(out)
+    assert all(t.dtype == torch.bfloat16 for t in merged.values())
+
+
+def test_files_beside_the_weights(llama, tmp_path):
+    recipe = ties_recipe(llama, dtype="float32", out_dtype="float16", tokenizer_source="base")
+    out = run_mergelab(recipe, tmp_path)
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
+            "mergelab_config.yml", "README.md"} <= names
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "float16"
+    assert yaml.safe_load((out / "mergelab_config.yml").read_text()) == recipe
+    card = (out / "README.md").read_text()
+    assert "ties" in card and llama.path("ft1") in card and "(base)" in card
+
+
+def test_small_shards_load_in_transformers(llama, tmp_path):
+    from mergelab.merge import MergeOptions, run_merge
+    from transformers import AutoModelForCausalLM
+
+    recipe = write_yaml(tmp_path / "r.yml", ties_recipe(llama))
+    out = tmp_path / "sharded"
+    run_merge(recipe, out, MergeOptions(seed=0, out_shard_size="40KB", progress=False))
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 3 and (out / "model.safetensors.index.json").exists()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    merged = load_model_tensors(out)
+    state = model.state_dict()
+    assert all(torch.equal(state[name], tensor) for name, tensor in merged.items())
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(llama, tmp_path):
+    recipe = write_yaml(tmp_path / "r.yml", ties_recipe(llama))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["merge", str(recipe), str(out), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "model.layers.3.mlp.down_proj.weight  [32, 64] float32" in result.output
+    assert "ties(weight=[1, 0.5], density=[0.5, 0.5], normalize=True" in result.output
+    assert f"from {llama.path('ft1')}:model.layers.3.mlp.down_proj.weight" in result.output
+    assert "estimated peak tensor memory" in result.output
+    assert not out.exists()
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, mergelab.cli; sys.exit(1 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    result = CliRunner().invoke(app, ["merge", "--help"])
+    assert result.exit_code == 0 and "--dry-run" in result.output and "--out-shard-size" in result.output
