@@ -168,3 +168,15 @@ def test_verbose_shows_the_traceback(llama, tmp_path):
     result = CliRunner().invoke(app, ["--verbose", "merge", str(tmp_path / "recipe.yml"), str(tmp_path / "out")])
     assert result.exit_code != 0
     assert result.exception is not None and "does not exist" in str(result.exception)
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(llama, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    config = {"models": [{"model": llama.path("ft1"), "parameters": {"weight": 1.0}}], "merge_method": "linear"}
+    (tmp_path / "recipe.yml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["merge", str(tmp_path / "recipe.yml"), str(tmp_path / "out"), "--device", "cuda"])
+    assert result.exit_code == 2 and "CUDA is not available" in result.output
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,255 @@
+"""mergelab vs mergekit on the same recipes and inputs: wall time and peak RSS.
+
+    python benchmarks/merge_vs_mergekit.py                 # the ~130M set, 3 runs per tool and method
+    python benchmarks/merge_vs_mergekit.py --size 780m --methods linear task_arithmetic --runs 2
+
+Builds once (cached in benchmarks/.cache/) a base and three fine-tuned variants of a
+Llama in float32, then for each method runs mergekit (`mergekit-yaml`) and mergelab
+(`mergelab merge`) alternately, each in its own process, and reports the median wall
+time and the peak resident memory of each process (from wait4's rusage), their ratios,
+and the I/O floor: a process that imports torch, reads every input tensor once and
+writes an output of the same size (the least work any Python merge tool must do).
+The table is printed and written into benchmarks/RESULTS.md.
+
+Targets (2-core CPU): every method at most 0.5x mergekit's wall time and peak RSS,
+ties at most 0.2x, linear/task_arithmetic within 1.5x of the I/O floor on the larger set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / ".cache"
+RESULTS = HERE / "RESULTS.md"
+VENV_BIN = Path(sys.executable).parent
+
+SIZES = {
+    # ~134M parameters: hidden 768, 12 layers, intermediate 2048, vocab 32000
+    "130m": dict(hidden=768, layers=12, intermediate=2048, heads=12, kv_heads=12, vocab=32000),
+    # ~780M parameters
+    "780m": dict(hidden=1536, layers=24, intermediate=4096, heads=16, kv_heads=16, vocab=32000),
+}
+
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")
+TARGET_TIME = {"ties": 0.2}  # others: 0.5
+TARGET_RSS = 0.5
+
+
+BUILD = r"""
+import sys, json
+from pathlib import Path
+from mergelab.zoo.random_models import make_model, make_variant
+root, sizes = Path(sys.argv[1]), json.loads(sys.argv[2])
+make_model(root / "base", "llama", seed=0, tokenizer=False, **sizes)
+for index in (1, 2, 3):
+    make_variant(root / "base", root / f"ft{index}", seed=index, scale=0.05, sparsity=0.3)
+"""
+
+
+def build_models(size: str) -> Path:
+    """The model set, built once in a subprocess (this process stays small: a forked child's
+    peak RSS counts the parent's memory at fork time)."""
+    import json
+
+    root = CACHE / f"llama-{size}"
+    done = root / ".complete"
+    if done.exists():
+        return root
+    print(f"building the {size} model set in {root} (once)...", flush=True)
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    subprocess.run([sys.executable, "-c", BUILD, str(root), json.dumps(SIZES[size])], check=True)
+    done.write_text("ok\n")
+    return root
+
+
+def recipe(method: str, root: Path) -> dict:
+    base, ft = str(root / "base"), [str(root / f"ft{i}") for i in (1, 2, 3)]
+    if method == "slerp":
+        return {
+            "models": [{"model": base}, {"model": ft[0]}],
+            "base_model": base,
+            "merge_method": "slerp",
+            "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"value": 0.5}]},
+            "dtype": "float32",
+        }
+    if method == "linear":
+        return {
+            "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip([base] + ft, (0.4, 0.2, 0.2, 0.2))],
+            "merge_method": "linear",
+            "dtype": "float32",
+        }
+    density = {"ties": 0.5, "dare_ties": 0.5}.get(method)
+    models = []
+    for model, weight in zip(ft, (1.0, 0.5, 0.7)):
+        parameters = {"weight": weight}
+        if density is not None:
+            parameters["density"] = density
+        models.append({"model": model, "parameters": parameters})
+    return {"models": models, "base_model": base, "merge_method": method, "dtype": "float32"}
+
+
+def measure(command: list[str]) -> tuple[float, float]:
+    """Run ``command``; return (wall seconds, peak RSS in MB) of that process alone."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}):\n{stderr[-3000:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+IO_FLOOR = r"""
+import sys
+from mergelab.io import Checkpoint, OutputTensor, ShardedWriter
+inputs = [Checkpoint(p) for p in sys.argv[2:]]
+reference = inputs[0]
+for checkpoint in inputs:
+    for name in checkpoint.tensors:
+        tensor = checkpoint.get_tensor(name)
+        del tensor
+layout = [OutputTensor(n, reference.info(n).shape, reference.info(n).dtype) for n in reference.tensors]
+writer = ShardedWriter(sys.argv[1], layout)
+for name in reference.tensors:
+    writer.write(name, reference.get_tensor(name))
+writer.close()
+"""
+
+
+def io_floor(root: Path, scratch: Path, models: list[str]) -> tuple[float, float]:
+    out = scratch / "floor"
+    out.mkdir()
+    try:
+        return measure([sys.executable, "-c", IO_FLOOR, str(out)] + models)
+    finally:
+        shutil.rmtree(out)
+
+
+def run_method(method: str, root: Path, scratch: Path, runs: int, seed: int) -> dict:
+    config = recipe(method, root)
+    config_path = scratch / f"{method}.yml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    inputs = [m for m in dict.fromkeys([config.get("base_model")] + [e["model"] for e in config["models"]]) if m]
+    ours_cmd = [str(VENV_BIN / "mergelab"), "-q", "merge", str(config_path), str(scratch / "ours"),
+                "--no-progress", "--seed", str(seed)]
+    theirs_cmd = [str(VENV_BIN / "mergekit-yaml"), str(config_path), str(scratch / "theirs"),
+                  "--quiet", "--random-seed", str(seed)]
+    floor = io_floor(root, scratch, inputs)  # also warms the page cache for both tools
+    ours, theirs = [], []
+    for _ in range(runs):  # alternate the tools so drift affects both alike
+        for command, sink, out in ((theirs_cmd, theirs, "theirs"), (ours_cmd, ours, "ours")):
+            sink.append(measure(command))
+            shutil.rmtree(scratch / out)
+    median = lambda values, i: statistics.median(v[i] for v in values)  # noqa: E731
+    return {
+        "method": method,
+        "ours_s": median(ours, 0), "ours_mb": median(ours, 1),
+        "theirs_s": median(theirs, 0), "theirs_mb": median(theirs, 1),
+        "floor_s": floor[0],
+        "inputs": len(inputs),
+    }
+
+
+def help_latency() -> float:
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        subprocess.run([str(VENV_BIN / "mergelab"), "--help"], stdout=subprocess.DEVNULL, check=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def table(rows: list[dict], size: str, runs: int, help_s: float) -> str:
+    lines = [
+        f"### {size} set ({SIZES[size]['layers']} layers, hidden {SIZES[size]['hidden']}, float32; "
+        f"median of {runs} runs, tools alternated)",
+        "",
+        "| method | mergelab s | mergekit s | time ratio (target) | mergelab peak RSS MB | mergekit peak RSS MB | "
+        "RSS ratio (target ≤ 0.5) | I/O floor s | mergelab / floor |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        time_ratio = row["ours_s"] / row["theirs_s"]
+        rss_ratio = row["ours_mb"] / row["theirs_mb"]
+        target = TARGET_TIME.get(row["method"], 0.5)
+        time_ok = "ok" if time_ratio <= target else "MISSED"
+        rss_ok = "ok" if rss_ratio <= TARGET_RSS else "MISSED"
+        lines.append(
+            f"| {row['method']} | {row['ours_s']:.2f} | {row['theirs_s']:.2f} | {time_ratio:.3f} (≤ {target}, {time_ok}) | "
+            f"{row['ours_mb']:.0f} | {row['theirs_mb']:.0f} | {rss_ratio:.3f} ({rss_ok}) | {row['floor_s']:.2f} | "
+            f"{row['ours_s'] / row['floor_s']:.2f} |"
+        )
+    lines += ["", f"`mergelab --help`: {help_s:.2f} s (target < 1 s)."]
+    return "\n".join(lines)
+
+
+def write_results(section: str) -> None:
+    """Replace (or add) this benchmark's section of RESULTS.md, leaving other sections alone."""
+    start, end = "<!-- merge_vs_mergekit:start -->", "<!-- merge_vs_mergekit:end -->"
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    block = f"{start}\n{section}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    RESULTS.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), nargs="+", default=["130m"])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    args = parser.parse_args()
+
+    sections = []
+    help_s = help_latency()
+    for size in args.size:
+        root = build_models(size)
+        rows = []
+        with tempfile.TemporaryDirectory(dir=CACHE) as scratch:
+            for method in args.methods:
+                row = run_method(method, root, Path(scratch), args.runs, args.seed)
+                rows.append(row)
+                print(
+                    f"{size} {method}: mergelab {row['ours_s']:.2f} s / {row['ours_mb']:.0f} MB, "
+                    f"mergekit {row['theirs_s']:.2f} s / {row['theirs_mb']:.0f} MB, "
+                    f"ratio {row['ours_s'] / row['theirs_s']:.3f} time, {row['ours_mb'] / row['theirs_mb']:.3f} RSS; "
+                    f"I/O floor {row['floor_s']:.2f} s",
+                    flush=True,
+                )
+        sections.append(table(rows, size, args.runs, help_s))
+    cpu = platform.processor() or platform.machine()
+    header = (
+        "## Merging: mergelab vs mergekit 0.1.5\n\n"
+        f"Machine: {os.cpu_count()} CPU cores ({cpu}), {platform.system()}; written by "
+        "`benchmarks/merge_vs_mergekit.py` on " + time.strftime("%Y-%m-%d") + ". Wall time and peak RSS are per process "
+        "(start-up included); the I/O floor is a process that imports torch, reads every input tensor once and writes "
+        "the output.\n"
+    )
+    report = header + "\n" + "\n\n".join(sections)
+    print("\n" + report)
+    if not args.no_write:
+        write_results(report)
+        print(f"\nwritten to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
