@@ -2,6 +2,7 @@
 
     python benchmarks/merge_vs_mergekit.py                 # the ~130M set, 3 runs per tool and method
     python benchmarks/merge_vs_mergekit.py --size 780m --methods linear task_arithmetic --runs 2
+    python benchmarks/merge_vs_mergekit.py --size 780m --device cuda   # on a GPU machine (mergekit --cuda)
 
 Builds once (cached in benchmarks/.cache/) a base and three fine-tuned variants of a
 Llama in float32, then for each method runs mergekit (`mergekit-yaml`) and mergelab
@@ -34,6 +35,9 @@ HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"
 RESULTS = HERE / "RESULTS.md"
 VENV_BIN = Path(sys.executable).parent
+# Both tools' OpenMP threads sleep instead of spinning when idle: on a shared machine spinning
+# threads steal cores from whichever process runs beside them.
+ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
 
 SIZES = {
     # ~134M parameters: hidden 768, 12 layers, intermediate 2048, vocab 32000
@@ -42,8 +46,23 @@ SIZES = {
     "780m": dict(hidden=1536, layers=24, intermediate=4096, heads=16, kv_heads=16, vocab=32000),
 }
 
-METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")
+METHODS = (
+    "linear", "task_arithmetic", "ties", "dare_ties", "slerp",
+    "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock", "nuslerp", "nuslerp_row_wise",
+    "multislerp", "karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl",
+)
 TARGET_TIME = {"ties": 0.2}  # others: 0.5
+# Benchmark entries that are one method with particular settings.
+VARIANTS = {"nuslerp_row_wise": ("nuslerp", {"nuslerp_flatten": False, "nuslerp_row_wise": True})}
+# Per-model parameters of the task-vector family (weight is always given).
+SPARSITY = {
+    "ties": {"density": 0.5},
+    "dare_ties": {"density": 0.5},
+    "breadcrumbs": {"density": 0.5, "gamma": 0.01},
+    "breadcrumbs_ties": {"density": 0.5, "gamma": 0.01},
+    "della": {"density": 0.5, "epsilon": 0.1},
+    "della_linear": {"density": 0.5, "epsilon": 0.1},
+}
 TARGET_RSS = 0.5
 
 
@@ -75,8 +94,28 @@ def build_models(size: str) -> Path:
     return root
 
 
-def recipe(method: str, root: Path) -> dict:
+def recipe(entry: str, root: Path) -> dict:
     base, ft = str(root / "base"), [str(root / f"ft{i}") for i in (1, 2, 3)]
+    method, shared = VARIANTS.get(entry, (entry, {}))
+    weighted = lambda models, weights: [  # noqa: E731
+        {"model": m, "parameters": {"weight": w}} for m, w in zip(models, weights)
+    ]
+    if method == "nuslerp":
+        return {"models": weighted(ft[:2], (0.4, 0.6)), "base_model": base, "merge_method": method,
+                "parameters": shared, "dtype": "float32"}
+    if method == "multislerp":
+        return {"models": weighted(ft, (0.5, 0.3, 0.2)), "base_model": base, "merge_method": method,
+                "dtype": "float32"}
+    if method == "karcher":
+        return {"models": [{"model": m} for m in ft], "merge_method": method, "dtype": "float32"}
+    if method in ("model_stock", "sce", "ram", "ramplus_tl"):
+        parameters = {"select_topk": 0.5} if method == "sce" else {}
+        return {"models": [{"model": m} for m in ft], "base_model": base, "merge_method": method,
+                "parameters": parameters, "dtype": "float32"}
+    if method in ("nearswap", "arcee_fusion"):
+        parameters = {"t": 0.001} if method == "nearswap" else {}
+        return {"models": [{"model": ft[0]}], "base_model": base, "merge_method": method,
+                "parameters": parameters, "dtype": "float32"}
     if method == "slerp":
         return {
             "models": [{"model": base}, {"model": ft[0]}],
@@ -91,27 +130,28 @@ def recipe(method: str, root: Path) -> dict:
             "merge_method": "linear",
             "dtype": "float32",
         }
-    density = {"ties": 0.5, "dare_ties": 0.5}.get(method)
-    models = []
-    for model, weight in zip(ft, (1.0, 0.5, 0.7)):
-        parameters = {"weight": weight}
-        if density is not None:
-            parameters["density"] = density
-        models.append({"model": model, "parameters": parameters})
+    models = [
+        {"model": model, "parameters": {"weight": weight, **SPARSITY.get(method, {})}}
+        for model, weight in zip(ft, (1.0, 0.5, 0.7))
+    ]
     return {"models": models, "base_model": base, "merge_method": method, "dtype": "float32"}
 
 
-def measure(command: list[str]) -> tuple[float, float]:
-    """Run ``command``; return (wall seconds, peak RSS in MB) of that process alone."""
+def measure(command: list[str]) -> tuple[float, float, float]:
+    """Run ``command``; return (wall seconds, peak RSS in MB, CPU seconds) of that process alone.
+
+    CPU seconds (user + system) are reported beside wall time because the machine may be
+    shared: other jobs stretch wall time but hardly change the CPU time a tool needs.
+    """
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
     stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}):\n{stderr[-3000:]}")
-    return wall, usage.ru_maxrss / 1024
+    return wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
 IO_FLOOR = r"""
@@ -131,7 +171,7 @@ writer.close()
 """
 
 
-def io_floor(root: Path, scratch: Path, models: list[str]) -> tuple[float, float]:
+def io_floor(root: Path, scratch: Path, models: list[str]) -> tuple[float, float, float]:
     out = scratch / "floor"
     out.mkdir()
     try:
@@ -140,7 +180,7 @@ def io_floor(root: Path, scratch: Path, models: list[str]) -> tuple[float, float
         shutil.rmtree(out)
 
 
-def run_method(method: str, root: Path, scratch: Path, runs: int, seed: int) -> dict:
+def run_method(method: str, root: Path, scratch: Path, runs: int, seed: int, device: str = "cpu") -> dict:
     config = recipe(method, root)
     config_path = scratch / f"{method}.yml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -149,6 +189,9 @@ def run_method(method: str, root: Path, scratch: Path, runs: int, seed: int) -> 
                 "--no-progress", "--seed", str(seed)]
     theirs_cmd = [str(VENV_BIN / "mergekit-yaml"), str(config_path), str(scratch / "theirs"),
                   "--quiet", "--random-seed", str(seed)]
+    if device != "cpu":
+        ours_cmd += ["--device", device]
+        theirs_cmd += ["--cuda"]
     floor = io_floor(root, scratch, inputs)  # also warms the page cache for both tools
     ours, theirs = [], []
     for _ in range(runs):  # alternate the tools so drift affects both alike
@@ -158,8 +201,8 @@ def run_method(method: str, root: Path, scratch: Path, runs: int, seed: int) -> 
     median = lambda values, i: statistics.median(v[i] for v in values)  # noqa: E731
     return {
         "method": method,
-        "ours_s": median(ours, 0), "ours_mb": median(ours, 1),
-        "theirs_s": median(theirs, 0), "theirs_mb": median(theirs, 1),
+        "ours_s": median(ours, 0), "ours_mb": median(ours, 1), "ours_cpu": median(ours, 2),
+        "theirs_s": median(theirs, 0), "theirs_mb": median(theirs, 1), "theirs_cpu": median(theirs, 2),
         "floor_s": floor[0],
         "inputs": len(inputs),
     }
@@ -180,8 +223,8 @@ def table(rows: list[dict], size: str, runs: int, help_s: float) -> str:
         f"median of {runs} runs, tools alternated)",
         "",
         "| method | mergelab s | mergekit s | time ratio (target) | mergelab peak RSS MB | mergekit peak RSS MB | "
-        "RSS ratio (target ≤ 0.5) | I/O floor s | mergelab / floor |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "RSS ratio (target ≤ 0.5) | mergelab CPU s | mergekit CPU s | CPU ratio | I/O floor s | mergelab / floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         time_ratio = row["ours_s"] / row["theirs_s"]
@@ -191,16 +234,24 @@ def table(rows: list[dict], size: str, runs: int, help_s: float) -> str:
         rss_ok = "ok" if rss_ratio <= TARGET_RSS else "MISSED"
         lines.append(
             f"| {row['method']} | {row['ours_s']:.2f} | {row['theirs_s']:.2f} | {time_ratio:.3f} (≤ {target}, {time_ok}) | "
-            f"{row['ours_mb']:.0f} | {row['theirs_mb']:.0f} | {rss_ratio:.3f} ({rss_ok}) | {row['floor_s']:.2f} | "
-            f"{row['ours_s'] / row['floor_s']:.2f} |"
+            f"{row['ours_mb']:.0f} | {row['theirs_mb']:.0f} | {rss_ratio:.3f} ({rss_ok}) | "
+            f"{row['ours_cpu']:.1f} | {row['theirs_cpu']:.1f} | {row['ours_cpu'] / row['theirs_cpu']:.3f} | "
+            f"{row['floor_s']:.2f} | {row['ours_s'] / row['floor_s']:.2f} |"
         )
     lines += ["", f"`mergelab --help`: {help_s:.2f} s (target < 1 s)."]
     return "\n".join(lines)
 
 
-def write_results(section: str) -> None:
+def gpu_name() -> str:
+    """The CUDA device's name, asked of a child process (this one stays free of torch)."""
+    code = "import torch; print(torch.cuda.get_device_name(0))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return result.stdout.strip()
+
+
+def write_results(section: str, key: str = "merge_vs_mergekit") -> None:
     """Replace (or add) this benchmark's section of RESULTS.md, leaving other sections alone."""
-    start, end = "<!-- merge_vs_mergekit:start -->", "<!-- merge_vs_mergekit:end -->"
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     block = f"{start}\n{section}\n{end}"
     if start in text and end in text:
@@ -217,37 +268,44 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where both tools compute (mergelab --device cuda, mergekit --cuda)")
     args = parser.parse_args()
 
     sections = []
+    load_before = os.getloadavg()[0]
     help_s = help_latency()
     for size in args.size:
         root = build_models(size)
         rows = []
         with tempfile.TemporaryDirectory(dir=CACHE) as scratch:
             for method in args.methods:
-                row = run_method(method, root, Path(scratch), args.runs, args.seed)
+                row = run_method(method, root, Path(scratch), args.runs, args.seed, args.device)
                 rows.append(row)
                 print(
                     f"{size} {method}: mergelab {row['ours_s']:.2f} s / {row['ours_mb']:.0f} MB, "
                     f"mergekit {row['theirs_s']:.2f} s / {row['theirs_mb']:.0f} MB, "
-                    f"ratio {row['ours_s'] / row['theirs_s']:.3f} time, {row['ours_mb'] / row['theirs_mb']:.3f} RSS; "
+                    f"ratio {row['ours_s'] / row['theirs_s']:.3f} time, {row['ours_mb'] / row['theirs_mb']:.3f} RSS, "
+                    f"{row['ours_cpu'] / row['theirs_cpu']:.3f} CPU; "
                     f"I/O floor {row['floor_s']:.2f} s",
                     flush=True,
                 )
         sections.append(table(rows, size, args.runs, help_s))
     cpu = platform.processor() or platform.machine()
+    device = f"GPU: {gpu_name()} (both tools compute on it)" if args.device == "cuda" else "CPU only"
     header = (
-        "## Merging: mergelab vs mergekit 0.1.5\n\n"
-        f"Machine: {os.cpu_count()} CPU cores ({cpu}), {platform.system()}; written by "
+        "## Merging: mergelab vs mergekit 0.1.5" + (" on CUDA" if args.device == "cuda" else "") + "\n\n"
+        f"Machine: {os.cpu_count()} CPU cores ({cpu}), {platform.system()}; {device}; written by "
         "`benchmarks/merge_vs_mergekit.py` on " + time.strftime("%Y-%m-%d") + ". Wall time and peak RSS are per process "
         "(start-up included); the I/O floor is a process that imports torch, reads every input tensor once and writes "
-        "the output.\n"
+        "the output. Both tools run with OMP_WAIT_POLICY=PASSIVE. The machine is shared: its 1-minute load "
+        f"average was {load_before:.1f} before and "
+        f"{os.getloadavg()[0]:.1f} after the runs.\n"
     )
     report = header + "\n" + "\n\n".join(sections)
     print("\n" + report)
     if not args.no_write:
-        write_results(report)
+        write_results(report, "merge_vs_mergekit" + ("_cuda" if args.device == "cuda" else ""))
         print(f"\nwritten to {RESULTS}")
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny real checkpoints (random Llama / Mistral / Qwen2) built once per session."""
+"""Shared fixtures: tiny real checkpoints of every supported family, built once per session."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from mergelab.zoo.random_models import FAMILIES as ALL_FAMILIES
 from mergelab.zoo.random_models import make_model, make_variant
 
 FAMILIES = ("llama", "mistral", "qwen2")
@@ -39,3 +40,17 @@ def model_sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ModelSet]:
 @pytest.fixture(scope="session")
 def llama(model_sets: dict[str, ModelSet]) -> ModelSet:
     return model_sets["llama"]
+
+
+@pytest.fixture(scope="session")
+def family_set(model_sets, tmp_path_factory: pytest.TempPathFactory):
+    """``family_set(name)``: a base and two variants (3 layers) of any zoo family, built on first use."""
+    built: dict[str, ModelSet] = {}
+
+    def get(family: str) -> ModelSet:
+        assert family in ALL_FAMILIES, family
+        if family not in built:
+            built[family] = ModelSet(tmp_path_factory.mktemp(f"family-{family}"), family, variants=2, layers=3)
+        return built[family]
+
+    return get

@@ -101,7 +101,7 @@ def test_config_schema_accepts_mergekit_spellings():
     [
         ({"models": [{"model": "a"}], "merge_method": "linear", "dtype": "int8"}, "not a floating-point dtype"),
         ({"models": [{"model": "a"}], "merge_method": "linear", "chat_template": "x"}, "chat_template"),
-        ({"models": [{"model": "a"}], "merge_method": "linear", "tokenizer_source": "union"}, "union"),
+        ({"models": [{"model": "a"}], "merge_method": "linear", "tokenizer": {"tokens": {"x": {}}}}, "tokenizer.tokens"),
         ({"merge_method": "linear"}, "exactly one of 'models' or 'slices'"),
         ({"slices": [{"sources": [{"model": "a", "layer_range": [3, 1]}]}], "merge_method": "passthrough"},
          "0 <= start < end"),

@@ -113,6 +113,94 @@ def dare_linear_dense_config(s) -> dict[str, Any]:
     return config
 
 
+def breadcrumbs_config(s, method: str = "breadcrumbs") -> dict[str, Any]:
+    return {
+        "models": [
+            {"model": s.path("ft1"), "parameters": {"weight": 1.0, "density": 0.5, "gamma": 0.05}},
+            {"model": s.path("ft2"), "parameters": {"weight": 0.5, "density": [0.3, 0.8], "gamma": 0.0}},
+            {"model": s.path("ft3"),
+             "parameters": {"weight": 0.7, "density": [{"filter": "mlp", "value": 0.4}, {"value": 0.6}], "gamma": 0.1}},
+        ],
+        "base_model": s.path("base"),
+        "merge_method": method,
+        "parameters": {"lambda": 0.9},
+        "dtype": "float32",
+    }
+
+
+def breadcrumbs_ties_config(s) -> dict[str, Any]:
+    config = breadcrumbs_config(s, "breadcrumbs_ties")
+    config["parameters"] = {"normalize": True, "rescale": True}
+    return config
+
+
+def della_dense_config(s, method: str = "della") -> dict[str, Any]:
+    config = breadcrumbs_config(s, method)
+    for entry in config["models"]:
+        entry["parameters"] = {"weight": entry["parameters"]["weight"], "density": 1.0, "epsilon": 0.1}
+    return config
+
+
+def model_stock_config(s, filter_wise: bool = False) -> dict[str, Any]:
+    return {
+        "models": [{"model": s.path(name)} for name in ("ft1", "ft2", "ft3")],
+        "base_model": s.path("base"),
+        "merge_method": "model_stock",
+        "parameters": {"filter_wise": filter_wise},
+        "dtype": "float32",
+    }
+
+
+def nuslerp_config(s, base: bool = True, **parameters) -> dict[str, Any]:
+    config = {
+        "models": [
+            {"model": s.path("ft1"), "parameters": {"weight": 0.3}},
+            {"model": s.path("ft2"), "parameters": {"weight": [0.9, 0.5]}},
+        ],
+        "merge_method": "nuslerp",
+        "parameters": parameters,
+        "dtype": "float32",
+    }
+    if base:
+        config["base_model"] = s.path("base")
+    return config
+
+
+def multislerp_config(s, base: bool = True) -> dict[str, Any]:
+    config = {
+        "models": [
+            {"model": s.path("ft1"), "parameters": {"weight": 0.5}},
+            {"model": s.path("ft2"), "parameters": {"weight": [0.2, 1.0]}},
+            {"model": s.path("ft3"), "parameters": {"weight": 0.3}},
+        ],
+        "merge_method": "multislerp",
+        "dtype": "float32",
+    }
+    if base:
+        config["base_model"] = s.path("base")
+    return config
+
+
+def karcher_config(s) -> dict[str, Any]:
+    return {
+        "models": [{"model": s.path(name)} for name in ("ft1", "ft2", "ft3")],
+        "base_model": s.path("base"),  # karcher takes the base as one more point, as mergekit does
+        "merge_method": "karcher",
+        "parameters": {"max_iter": 20, "tol": 1e-6},
+        "dtype": "float32",
+    }
+
+
+def base_and_models_config(s, method: str, count: int, **parameters) -> dict[str, Any]:
+    return {
+        "models": [{"model": s.path(f"ft{i}")} for i in range(1, count + 1)],
+        "base_model": s.path("base"),
+        "merge_method": method,
+        "parameters": parameters,
+        "dtype": "float32",
+    }
+
+
 CONFIGS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "linear": linear_config,
     "task_arithmetic": task_arithmetic_config,
@@ -125,19 +213,51 @@ CONFIGS: dict[str, Callable[[Any], dict[str, Any]]] = {
     "dare_linear_density1": dare_linear_dense_config,
 }
 
+# Methods added later run on one family each (cycling), to keep the suite fast; the
+# architecture tests merge every family.
+NEW_CONFIGS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "breadcrumbs": breadcrumbs_config,
+    "breadcrumbs_ties": breadcrumbs_ties_config,
+    # DELLA is random; with density 1 nothing is dropped and the rest is deterministic.
+    "della_density1": della_dense_config,
+    "della_linear_density1": lambda s: della_dense_config(s, "della_linear"),
+    "model_stock": model_stock_config,
+    "model_stock_filter_wise": lambda s: model_stock_config(s, filter_wise=True),
+    "nuslerp": nuslerp_config,
+    "nuslerp_no_base": lambda s: nuslerp_config(s, base=False),
+    "nuslerp_row_wise": lambda s: nuslerp_config(s, nuslerp_flatten=False, nuslerp_row_wise=True),
+    "nuslerp_per_row": lambda s: nuslerp_config(s, nuslerp_flatten=False),
+    "multislerp": multislerp_config,
+    "multislerp_no_base": lambda s: multislerp_config(s, base=False),
+    "karcher": karcher_config,
+    "sce": lambda s: base_and_models_config(s, "sce", 3, select_topk=0.5),
+    "sce_dense": lambda s: base_and_models_config(s, "sce", 3),
+    "nearswap": lambda s: base_and_models_config(s, "nearswap", 1, t=0.002),
+    "arcee_fusion": lambda s: base_and_models_config(s, "arcee_fusion", 1),
+    "ram": lambda s: base_and_models_config(s, "ram", 3, epsilon=1e-4),
+    "ramplus_tl": lambda s: base_and_models_config(s, "ramplus_tl", 3, r=0.3, alpha=0.5),
+}
 
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("recipe", sorted(CONFIGS))
+CASES = [(recipe, family) for recipe in sorted(CONFIGS) for family in FAMILIES] + [
+    (recipe, FAMILIES[index % len(FAMILIES)]) for index, recipe in enumerate(sorted(NEW_CONFIGS))
+]
+
+
+@pytest.mark.parametrize("recipe, family", CASES)
 def test_matches_mergekit(recipe, family, model_sets, tmp_path):
     if (recipe, family) == ("passthrough", "qwen2"):
         pytest.skip(
             "mergekit 0.1.5 cannot write a Qwen2 config with a changed layer count (it leaves layer_types "
             "at the old length); test_frankenmerge_loads_and_generates covers mergelab's output"
         )
-    config = CONFIGS[recipe](model_sets[family])
+    config = {**CONFIGS, **NEW_CONFIGS}[recipe](model_sets[family])
     ours = load_model_tensors(run_mergelab(config, tmp_path))
     theirs = run_mergekit(config, tmp_path / "mergekit")
     assert sorted(ours) == sorted(theirs)
+    if recipe in NEW_CONFIGS:  # guard against a vacuous parity: the merge differs from every input
+        for source in {e["model"] for e in config["models"]} | {config.get("base_model")} - {None}:
+            inputs = load_model_tensors(source)
+            assert any(not torch.equal(ours[n], inputs[n]) for n in inputs), (recipe, source)
     for name in theirs:
         assert ours[name].dtype == theirs[name].dtype, name
         assert ours[name].shape == theirs[name].shape, name
@@ -229,3 +349,33 @@ def test_dare_is_deterministic_for_a_seed(llama, tmp_path):
     other = load_model_tensors(run_mergelab(config, tmp_path, seed=4, name="c"))
     assert all(torch.equal(first[name], second[name]) for name in first)
     assert any(not torch.equal(first[name], other[name]) for name in first)
+
+
+def test_della_statistics_match_mergekit_and_exact_rescale(llama, tmp_path):
+    """One model, weight 1: DELLA keeps ~density of δ; rescale: true restores δ's L1 norm (as mergekit),
+    rescale: exact divides each kept entry by its keep probability (the paper)."""
+    from mergelab.methods.sparsify import della_probabilities
+
+    config = {
+        "models": [{"model": llama.path("ft1"), "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.2}}],
+        "base_model": llama.path("base"),
+        "merge_method": "della_linear",
+        "dtype": "float32",
+    }
+    ours = load_model_tensors(run_mergelab(config, tmp_path, seed=7))
+    theirs = run_mergekit(config, tmp_path / "mergekit", seed=7)
+    base = load_model_tensors(llama.path("base"))
+    ft1 = load_model_tensors(llama.path("ft1"))
+    name = "model.layers.0.mlp.gate_proj.weight"  # 64x32 = 2048 entries, 70% changed
+    delta = ft1[name] - base[name]
+    p = della_probabilities(delta, 0.5, 0.2)
+    expected = (p * (delta != 0)).mean().item()  # unchanged entries rank lowest and are "kept" as zeros
+    for merged in (ours, theirs):
+        kept, one_factor, l1 = dare_stats(merged, base, ft1, name)
+        assert abs(kept - expected) < 4 * (expected * (1 - expected) / 2048) ** 0.5 + 0.01
+        assert one_factor and l1 == pytest.approx(1.0, rel=1e-4)
+    config["parameters"] = {"rescale": "exact"}
+    exact = load_model_tensors(run_mergelab(config, tmp_path, seed=7, name="exact"))
+    out = exact[name] - base[name]
+    kept = out != 0
+    torch.testing.assert_close(out[kept], (delta / p)[kept], rtol=1e-5, atol=1e-7)

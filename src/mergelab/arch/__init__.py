@@ -1,5 +1,16 @@
-"""What a tensor name means: layer index, module role, embedding or not."""
+"""What a tensor name means: layer index, module role, embedding or not, tied output head."""
 
+from mergelab.arch.embeddings import embedding_name, head_names, is_vocab_tensor, ties_embeddings
 from mergelab.arch.names import TensorName, layer_index, module_role, parse_name, with_layer_index
 
-__all__ = ["TensorName", "layer_index", "module_role", "parse_name", "with_layer_index"]
+__all__ = [
+    "TensorName",
+    "embedding_name",
+    "head_names",
+    "is_vocab_tensor",
+    "layer_index",
+    "module_role",
+    "parse_name",
+    "ties_embeddings",
+    "with_layer_index",
+]

@@ -1,9 +1,10 @@
 """Rules that read Hugging Face decoder tensor names.
 
-One set of rules covers the common families (Llama, Mistral, Qwen2/3, Gemma, Phi-3,
-GPT-2 style) instead of a description file per model: a transformer block is
-``<container>.<index>.`` with a known container name, and a module's role comes from
-the last meaningful component of its name.
+One set of rules covers the common families (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3,
+GPT-2 style, GPT-NeoX) instead of a description file per model: a transformer block is
+``<container>.<index>.`` with a known container name (``layers``, ``h``, ``blocks``, ...),
+and a module's role comes from the tokens in its name. Unknown decoders fall back to the
+first numbered component of a name as its block index, and to role ``other``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 
 # "model.layers.3.self_attn.q_proj.weight", "transformer.h.3.attn.c_attn.weight", ...
 _LAYER_RE = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|block|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
+# Generic fallback: the first numbered component ("backbone.stages.3.mixer.weight").
+_FALLBACK_RE = re.compile(r"^(?P<prefix>[^.]+(?:\.[^.\d][^.]*)*?)\.(?P<index>\d+)\.(?P<rest>.+)$")
 
 # Ordered: the first rule whose token occurs in the name decides the role.
 _ROLE_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -23,6 +26,8 @@ _ROLE_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attn_q", ("q_proj", "query")),
     ("attn_k", ("k_proj", "key")),
     ("attn_v", ("v_proj", "value")),
+    ("mlp_up", ("dense_h_to_4h",)),  # GPT-NeoX, before the bare "dense" of attention outputs
+    ("mlp_down", ("dense_4h_to_h",)),
     ("attn_o", ("o_proj", "attn.c_proj", "dense", "out_proj")),
     ("mlp_gate_up", ("gate_up_proj",)),
     ("mlp_gate", ("gate_proj", "w1")),
@@ -46,14 +51,18 @@ class TensorName:
         return self.role in ("embed", "lm_head")
 
 
+def _layer_match(name: str) -> re.Match[str] | None:
+    return _LAYER_RE.match(name) or _FALLBACK_RE.match(name)
+
+
 def layer_index(name: str) -> int | None:
-    match = _LAYER_RE.match(name)
+    match = _layer_match(name)
     return int(match.group("index")) if match else None
 
 
 def with_layer_index(name: str, index: int) -> str:
     """The same tensor name in block ``index`` (used when slices renumber layers)."""
-    match = _LAYER_RE.match(name)
+    match = _layer_match(name)
     if not match:
         raise ValueError(f"tensor '{name}' is not inside a numbered layer")
     return f"{match.group('prefix')}.{index}.{match.group('rest')}"

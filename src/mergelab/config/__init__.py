@@ -14,6 +14,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "MergeConfig",
     "SettingScope",
+    "check_parameter_scopes",
     "check_parameters",
     "check_setting",
     "dtype_name",
@@ -39,6 +40,11 @@ def check_parameters(config: MergeConfig, method: MergeMethod, source: str) -> N
         for index, entry in enumerate(output_slice.sources):
             where = f"{source}: slices[{slice_index}].sources[{index}] ({entry.model}).parameters"
             scopes.append((entry.parameters, where, True))
+    check_parameter_scopes(scopes, method)
+
+
+def check_parameter_scopes(scopes: list[tuple[dict | None, str, bool]], method: MergeMethod) -> None:
+    """Check ``(settings, where, per_model_scope)`` scopes against ``method`` (see ``check_parameters``)."""
     known = ", ".join(method.param_names) or "none"
     for settings, where, per_model_scope in scopes:
         for name, value in (settings or {}).items():

@@ -2,7 +2,7 @@
 
 A mergekit user's config loads unchanged: ``models:`` or ``slices:`` (with
 ``layer_range``), ``base_model``, ``merge_method``, global / per-slice / per-model
-``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source``. Parameter values stay
+``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source`` / ``tokenizer``. Parameter values stay
 raw here; ``mergelab.config.parameters`` gives them meaning per tensor.
 """
 
@@ -86,6 +86,31 @@ class OutputSlice(_Strict):
         return value
 
 
+class TokenizerSettings(_Strict):
+    """mergekit's ``tokenizer:`` block: where the output vocabulary comes from."""
+
+    source: str = "union"  # union, base, or a model reference
+    pad_to_multiple_of: Optional[int] = None
+    tokens: Optional[Any] = None
+
+    @field_validator("pad_to_multiple_of")
+    @classmethod
+    def _pad(cls, value: Optional[int]) -> Optional[int]:
+        if value is not None and value < 1:
+            raise ValueError(f"pad_to_multiple_of is {value}; give a positive number of rows (e.g. 64)")
+        return value
+
+    @field_validator("tokens")
+    @classmethod
+    def _no_tokens(cls, value: Optional[Any]) -> Optional[Any]:
+        if value is not None:
+            raise ValueError(
+                "per-token embedding sources (tokenizer.tokens) are not supported yet; remove them (tokens missing "
+                "from a model take the base's row, else the mean of the models that have them)"
+            )
+        return value
+
+
 class MergeConfig(_Strict):
     """A whole merge recipe (mergekit-compatible)."""
 
@@ -97,10 +122,10 @@ class MergeConfig(_Strict):
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
     tokenizer_source: Optional[str] = None
+    tokenizer: Optional[TokenizerSettings] = None
     # Keys mergekit knows that mergelab does not implement yet: refused with a clear message
     # rather than silently ignored (see the validator below).
     modules: Optional[Any] = None
-    tokenizer: Optional[Any] = None
     chat_template: Optional[str] = None
 
     @field_validator("dtype", "out_dtype")
@@ -119,15 +144,18 @@ class MergeConfig(_Strict):
     def _shape(self) -> "MergeConfig":
         if self.modules is not None:
             raise ValueError("'modules' (multi-module architectures) is not supported; use 'models' or 'slices'")
-        if self.tokenizer is not None:
-            raise ValueError("'tokenizer' settings are not supported yet; use tokenizer_source: base")
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ValueError("give either tokenizer_source or tokenizer (with source), not both")
         if self.chat_template is not None:
             raise ValueError("'chat_template' is not supported yet; edit tokenizer_config.json after the merge")
         if (self.models is None) == (self.slices is None):
             raise ValueError("give exactly one of 'models' or 'slices'")
-        if self.tokenizer_source == "union":
-            raise ValueError("tokenizer_source: union is not supported yet; use 'base' or a model path")
         return self
+
+    @property
+    def tokenizer_setting(self) -> Optional[str]:
+        """union, base, a model reference, or None (copy the base's tokenizer; crop differing vocabularies)."""
+        return self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
 
     def model_fields(self) -> dict[str, str]:
         """Every model the recipe reads, in first-mention order (base first), with the field naming it."""
@@ -142,6 +170,13 @@ class MergeConfig(_Strict):
             for j, source in enumerate(output_slice.sources):
                 fields.setdefault(source.model, f"slices[{index}].sources[{j}].model")
         return fields
+
+    def tokenizer_model_field(self) -> Optional[tuple[str, str]]:
+        """(model reference, field) when the tokenizer comes from a named model, not base or union."""
+        setting = self.tokenizer_setting
+        if setting is None or setting in ("base", "union"):
+            return None
+        return setting, ("tokenizer.source" if self.tokenizer is not None else "tokenizer_source")
 
     def referenced_models(self) -> list[str]:
         """Every model the recipe reads, in first-mention order (base first)."""

@@ -142,7 +142,7 @@ def _finish(task: TensorTask, produced: Any, stats: RunStats) -> list[Any]:
         raise ComputeError(f"task for '{task.name}' produced {len(tensors)} tensors, planned {len(task.outputs)}.")
     results = []
     for output, tensor in zip(task.outputs, tensors):
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not _all_finite(tensor):
             raise ComputeError(
                 f"output tensor '{output.name}' contains NaN or infinite values. Check the inputs of this "
                 "tensor for non-finite values and the method's weights (e.g. weights summing to zero)."
@@ -151,6 +151,20 @@ def _finish(task: TensorTask, produced: Any, stats: RunStats) -> list[Any]:
             raise ComputeError(f"output tensor '{output.name}' has shape {tuple(tensor.shape)}, planned {output.shape}.")
         results.append(tensor.to(dtype=getattr(torch, output.dtype)).cpu())
     return results
+
+
+def _all_finite(tensor: Any) -> bool:
+    """No NaN or infinite entry. A finite sum means every entry is finite (NaN and ±inf
+    propagate), and costs one pass without allocating; only a non-finite sum, which may
+    also be an overflow of finite values, needs the entry-wise check."""
+    import math
+
+    import torch
+
+    wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    if math.isfinite(float(tensor.sum(dtype=wide))):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 def _write_all(sink: TensorSink, task: TensorTask, results: list[Any]) -> None:

@@ -115,6 +115,25 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     return infos
 
 
+def read_tensor(fd: int, info: TensorInfo, path: Path):
+    """Read the tensor ``info`` from the open safetensors file ``fd`` into a fresh CPU tensor.
+
+    Plain positioned reads into a preallocated tensor (thread-safe on a shared descriptor).
+    """
+    import torch
+
+    tensor = torch.empty(info.shape, dtype=getattr(torch, info.dtype))
+    if info.nbytes:
+        buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        done = 0
+        while done < info.nbytes:
+            count = os.preadv(fd, [buffer[done:]], info.offset + done)
+            if count == 0:
+                raise InputError(f"{path}: unexpected end of file reading '{info.name}'.")
+            done += count
+    return tensor
+
+
 def _refuse_pickles(directory: Path) -> None:
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
@@ -132,10 +151,16 @@ def _refuse_pickles(directory: Path) -> None:
 def resolve_model_dir(reference: str) -> Path:
     """Turn a model reference into a local directory.
 
-    A local path is used as it is; an ``org/name`` that is not a local path is fetched
-    from the Hugging Face Hub (safetensors, JSON and tokenizer files only) when the hub
-    is reachable.
+    A local path is used as it is; ``zoo:SIZE/NAME`` names a model of the built-in zoo;
+    an ``org/name`` that is not a local path is fetched from the Hugging Face Hub
+    (safetensors, JSON and tokenizer files only) when the hub is reachable.
     """
+    if reference.startswith("zoo:"):
+        # A name lookup in the zoo's manifest, imported by name so that io does not
+        # depend on the zoo package (the zoo depends on io).
+        import importlib
+
+        return importlib.import_module("mergelab.zoo.catalog").resolve_artifact(reference)
     path = Path(reference).expanduser()
     if path.exists():
         return path
@@ -262,20 +287,8 @@ class Checkpoint:
         copy from the page cache, and no mapped pages lingering in the process's
         resident memory after the tensor is dropped.
         """
-        import torch
-
         info = self.info(tensor_name)
-        tensor = torch.empty(info.shape, dtype=getattr(torch, info.dtype))
-        if info.nbytes:
-            buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
-            fd = self._fd(info.file)
-            done = 0
-            while done < info.nbytes:
-                count = os.preadv(fd, [buffer[done:]], info.offset + done)
-                if count == 0:
-                    raise InputError(f"{self.path / info.file}: unexpected end of file reading '{tensor_name}'.")
-                done += count
-        return tensor
+        return read_tensor(self._fd(info.file), info, self.path / info.file)
 
     def close(self) -> None:
         with self._lock:
@@ -294,10 +307,16 @@ class Checkpoint:
 
 
 def open_model(reference: str) -> Checkpoint:
-    """Open a model reference as a tensor source: a model directory or a Hub ``org/name``.
+    """Open a model reference as a tensor source: a model directory or a Hub ``org/name``,
+    or ``BASE+ADAPTER[+ADAPTER...]`` (mergekit's syntax): the base with PEFT LoRA adapters
+    applied on the fly, tensor by tensor (an ``AdaptedModel``, which reads like a Checkpoint).
 
     This is the one place that maps the references users write in recipes to sources,
-    so that new kinds of reference (e.g. a base with an adapter applied on the fly) plug
-    in here and every planner understands them.
+    so that every planner understands every kind of reference. A path that exists is
+    always a model directory, even when its name contains '+'.
     """
+    if "+" in reference and not Path(reference).expanduser().exists():
+        from mergelab.io.adapter import open_adapted_model
+
+        return open_adapted_model(reference)  # type: ignore[return-value]
     return Checkpoint(reference)

@@ -98,8 +98,9 @@ class ShardedWriter:
 
     ``layout`` fixes the order, shapes and dtypes; shards are cut greedily in that order
     at ``max_shard_bytes`` (a tensor larger than that gets a shard of its own). One shard
-    is written as ``model.safetensors``; several as ``model-0000i-of-0000N.safetensors``
-    with ``model.safetensors.index.json``.
+    is written as ``file_name`` (``model.safetensors``; a PEFT adapter uses
+    ``adapter_model.safetensors``); several as ``model-0000i-of-0000N.safetensors`` with
+    ``model.safetensors.index.json`` (the stem follows ``file_name``).
     """
 
     def __init__(
@@ -108,8 +109,10 @@ class ShardedWriter:
         layout: Sequence[OutputTensor],
         max_shard_bytes: int = 5 * 1000**3,
         metadata: dict[str, str] | None = None,
+        file_name: str = SINGLE_FILE,
     ):
         self.directory = Path(directory)
+        self.file_name = file_name
         self.layout = {t.name: t for t in layout}
         if len(self.layout) != len(layout):
             raise ValueError("output layout names a tensor twice")
@@ -128,7 +131,8 @@ class ShardedWriter:
         self._where: dict[str, tuple[int, int]] = {}  # name -> (shard index, absolute offset)
         header_metadata = {"format": "pt", **(metadata or {})}
         for index, group in enumerate(groups):
-            file_name = SINGLE_FILE if count == 1 else f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+            stem = self.file_name.removesuffix(".safetensors")
+            file_name = self.file_name if count == 1 else f"{stem}-{index + 1:05d}-of-{count:05d}.safetensors"
             header: dict[str, Any] = {"__metadata__": header_metadata}
             entries = {}
             offset = 0
@@ -177,7 +181,8 @@ class ShardedWriter:
                     name: shard.file_name for shard in self._shards for name in shard.entries
                 },
             }
-            (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+            index_file = INDEX_FILE if self.file_name == SINGLE_FILE else f"{self.file_name}.index.json"
+            (self.directory / index_file).write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
         for fd in self._fds:

@@ -88,6 +88,8 @@ def describe_plan(plan: MergePlan, prefetch: int = 2) -> str:
     lines.append(f"output: {len(plan.tasks)} tensors, {total / 1e6:.1f} MB")
     if plan.seed is not None:
         lines.append(f"seed: {plan.seed}")
+    if plan.vocabulary is not None:
+        lines.append(f"vocabulary: {plan.vocabulary.description} ({plan.vocabulary.rows} rows)")
     lines.append("")
     for task in plan.tasks:
         sources = ", ".join(str(ref) for ref in task.inputs)

@@ -17,9 +17,13 @@ RECIPE_FILE = "mergelab_config.yml"
 
 def write_model_files(directory: Path, plan: "MergePlan", config_text: str) -> None:
     (directory / "config.json").write_text(json.dumps(plan.out_config, indent=2, sort_keys=True) + "\n")
+    built = plan.vocabulary.tokenizer if plan.vocabulary is not None else None
     if plan.tokenizer_model is not None:
         for path in plan.checkpoints[plan.tokenizer_model].tokenizer_files:
-            shutil.copy2(path, directory / path.name)
+            if built is None or path.name == "generation_config.json":
+                shutil.copy2(path, directory / path.name)
+    if built is not None:  # a cropped or union vocabulary: the tokenizer that matches the merged rows
+        built.save_pretrained(str(directory))
     (directory / RECIPE_FILE).write_text(config_text)
     (directory / "README.md").write_text(model_card(plan, config_text, directory.name))
 

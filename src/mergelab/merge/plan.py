@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from mergelab.arch import parse_name, with_layer_index
+from mergelab.arch import embedding_name, head_names, is_vocab_tensor, parse_name, ties_embeddings, with_layer_index
 from mergelab.config import MergeConfig, SettingScope, check_parameters, resolve_tensor_params
 from mergelab.engine import TensorRef, TensorTask
 from mergelab.errors import ConfigError, InputError
 from mergelab.io import Checkpoint, OutputTensor, open_model
+from mergelab.merge.vocabulary import Vocabulary, plan_vocabulary
 from mergelab.methods import MergeMethod, get_method
+
+log = logging.getLogger(__name__)
 
 
 def _freeze(value: Any) -> Any:
@@ -96,6 +100,7 @@ class MergePlan:
     tokenizer_model: Optional[str]
     seed: Optional[int]
     notes: list[str] = field(default_factory=list)
+    vocabulary: Optional[Vocabulary] = None  # set when inputs' vocabularies are cropped or aligned
 
     @property
     def layout(self) -> list[OutputTensor]:
@@ -150,15 +155,37 @@ class _Planner:
         self.method = get_method(config.merge_method)
         check_parameters(config, self.method, source)
         self.checkpoints = {}
-        for reference, field_name in config.model_fields().items():
+        fields = dict(config.model_fields())
+        tokenizer_model = config.tokenizer_model_field()
+        if tokenizer_model is not None:
+            fields.setdefault(*tokenizer_model)
+        for reference, field_name in fields.items():
             try:
                 self.checkpoints[reference] = open_model(reference)
             except InputError as exc:
                 raise InputError(f"{source}: {field_name}: {exc}") from None
+        self.vocabulary: Optional[Vocabulary] = None
         self.top = SettingScope(config.parameters, f"{source}: parameters")
         self.tasks: list[TensorTask] = []
         self.covered: dict[str, set[str]] = {}  # model -> input tensor names some output accounts for
         self.out_layers = 0
+        self.output_tied = False
+
+    def tied(self, model: str) -> bool:
+        checkpoint = self.checkpoints[model]
+        return ties_embeddings(checkpoint.config, checkpoint.tensors)
+
+    def input_name(self, model: str, name: str) -> str:
+        """The tensor of ``model`` that plays the part of output tensor ``name``.
+
+        A model with tied embeddings computes its output head with its embedding matrix,
+        so that matrix is what it contributes to an (untied) output head.
+        """
+        if parse_name(name).role == "lm_head" and name.endswith("weight") and self.tied(model):
+            embedding = embedding_name(self.checkpoints[model].tensors)
+            if embedding is not None:
+                return embedding
+        return name
 
     # ---- recipe -> slices ----------------------------------------------------------------
     def slices(self) -> list[_Slice]:
@@ -203,7 +230,7 @@ class _Planner:
             if len(lengths) != 1:
                 raise ConfigError(f"{where}: all sources of a slice must span the same number of layers.")
             base = output_slice.base_model or config.base_model
-            if self.method.needs_base and base is not None and base not in {s.model for s in sources}:
+            if self.method.uses_base and base is not None and base not in {s.model for s in sources}:
                 raise ConfigError(
                     f"{where}: base_model '{base}' is not among this slice's sources; add it with a layer_range."
                 )
@@ -223,14 +250,15 @@ class _Planner:
         models = [s.model for s in output_slice.sources]
         if method.needs_base and output_slice.base is None:
             raise ConfigError(f"{self.source}: merge_method {method.name} needs a base_model; add 'base_model:'.")
-        count = len([m for m in models if not method.needs_base or m != output_slice.base])
+        with_base = method.uses_base and output_slice.base is not None
+        count = len([m for m in models if not with_base or m != output_slice.base])
         if count < method.min_models or (method.max_models is not None and count > method.max_models):
             wanted = (
                 f"exactly {method.min_models}"
                 if method.max_models == method.min_models
                 else f"at least {method.min_models}" + (f" and at most {method.max_models}" if method.max_models else "")
             )
-            what = "models besides the base" if method.needs_base else "models"
+            what = "models besides the base" if with_base else "models"
             raise ConfigError(f"{output_slice.where}: merge_method {method.name} takes {wanted} {what}, got {count}.")
 
     def plan_tensor(self, output_slice: _Slice, output: str, names: Sequence[str], t: float) -> None:
@@ -246,15 +274,16 @@ class _Planner:
                 )
             infos.append(checkpoint.info(name))
             self.covered.setdefault(source.model, set()).add(name)
-        shapes = {info.shape for info in infos}
+        vocabulary = self.vocabulary if is_vocab_tensor(output) else None
+        shapes = {info.shape[1:] if vocabulary else info.shape for info in infos}
         if len(shapes) > 1:
             detail = ", ".join(f"{s.model}: {list(i.shape)}" for s, i in zip(sources, infos))
             raise InputError(f"tensor '{names[0]}' has different shapes across inputs ({detail}).")
         base_index = None
-        if self.method.needs_base:
+        if self.method.uses_base and output_slice.base is not None:
             base_index = next(i for i, s in enumerate(sources) if s.model == output_slice.base)
         refs = tuple(TensorRef(s.model, n) for s, n in zip(sources, names))
-        shape = infos[0].shape
+        shape = infos[0].shape if vocabulary is None else (vocabulary.rows, *infos[0].shape[1:])
         if not all(info.is_floating_point for info in infos):
             keep = base_index if base_index is not None else 0
             self.tasks.append(TensorTask((OutputTensor(output, shape, infos[keep].dtype),), (refs[keep],), CopyInput(0)))
@@ -264,9 +293,12 @@ class _Planner:
             self.method, output_name=output, t=t, shared_scopes=output_slice.shared_scopes, models=per_model
         )
         seed = tensor_seed(self.seed or 0, output) if self.method.random else None
-        op = MethodCall(
+        op: Any = MethodCall(
             self.method.name, base_index, tuple((k, _freeze(v)) for k, v in params.items()), seed
         )
+        if vocabulary is not None:
+            alignment_base = next((i for i, s in enumerate(sources) if s.model == output_slice.base), None)
+            op = vocabulary.op(op, [s.model for s in sources], alignment_base)
         work = self.config.dtype
         if work is None:
             import torch
@@ -286,6 +318,11 @@ class _Planner:
         reference = self.reference_model(slices)
         checkpoint = self.checkpoints[reference]
         globals_ = [n for n in checkpoint.tensors if parse_name(n).layer is None]
+        self.output_tied = self.tied(reference)
+        self.vocabulary = self.plan_vocabulary(slices)
+        if self.output_tied:
+            self.note_tied_output(reference, head_names(globals_), slices[-1])
+            globals_ = [n for n in globals_ if n not in head_names(globals_)]
         pre = [n for n in globals_ if _is_pre_layers(parse_name(n).role)]
         post = [n for n in globals_ if n not in pre]
         for name in pre:
@@ -293,9 +330,34 @@ class _Planner:
         for output_slice in slices:
             self.plan_slice(output_slice)
         for name in post:
-            self.plan_tensor(slices[-1], name, [name] * len(slices[-1].sources), 0.0)
+            names = [self.input_name(source.model, name) for source in slices[-1].sources]
+            for source, used in zip(slices[-1].sources, names):
+                if used != name:
+                    log.info("model '%s' ties its embeddings: its '%s' serves as its '%s' in the merge",
+                             source.model, used, name)
+            self.plan_tensor(slices[-1], name, names, 0.0)
         self.check_extra_tensors(slices)
         return self.tasks
+
+    def plan_vocabulary(self, slices: list[_Slice]) -> Optional[Vocabulary]:
+        """Crop or align the token-indexed tensors when the inputs' vocabularies differ (see merge.vocabulary)."""
+        models = [s.model for s in slices[0].sources] + [s.model for s in slices[-1].sources]
+        base = self.config.base_model if self.config.base_model in models else None
+        ordered = list(dict.fromkeys(([base] if base else []) + models))
+        return plan_vocabulary(self.config, self.checkpoints, ordered, base, self.source)
+
+    def note_tied_output(self, reference: str, stray: list[str], last: _Slice) -> None:
+        """A tied output writes no head: say what is not used, so nothing is lost silently."""
+        if stray:
+            log.info("model '%s' ties its embeddings; its stored %s is not written (transformers ties it to "
+                     "the merged embeddings)", reference, ", ".join(stray))
+        untied = [s.model for s in last.sources if not self.tied(s.model) and head_names(self.checkpoints[s.model].tensors)]
+        if untied:
+            log.warning(
+                "the output ties its embeddings (as '%s' does), so the separate output heads of %s are not merged; "
+                "to merge them, make a model with untied embeddings the base_model (or the first model)",
+                reference, ", ".join(f"'{m}'" for m in dict.fromkeys(untied)),
+            )
 
     def plan_slice(self, output_slice: _Slice) -> None:
         # Tensor names per layer come from the base when it is an input, else the first source.
@@ -323,8 +385,11 @@ class _Planner:
         for index, output_slice in enumerate(slices):
             for source in output_slice.sources:
                 covered = self.covered.get(source.model, set())
+                head_unused = self.output_tied or self.tied(source.model)
                 for name in self.checkpoints[source.model].tensors:
                     parsed = parse_name(name)
+                    if parsed.role == "lm_head" and head_unused:
+                        continue  # a tied head is the embedding matrix; a tied output writes no head
                     if parsed.layer is None:  # embeddings come from the first slice, the rest from the last
                         relevant = index == (0 if _is_pre_layers(parsed.role) else len(slices) - 1)
                     else:
@@ -342,9 +407,11 @@ def _is_pre_layers(role: str) -> bool:
 
 
 def _output_config(plan_config: MergeConfig, checkpoints: dict[str, Checkpoint], reference: str,
-                   layer_sources: list[tuple[str, int]]) -> dict[str, Any]:
-    """config.json of the result: the reference model's, with dtype and layer count updated."""
+                   layer_sources: list[tuple[str, int]], vocabulary: Optional[Vocabulary] = None) -> dict[str, Any]:
+    """config.json of the result: the reference model's, with dtype, layer count and vocabulary size updated."""
     out = copy.deepcopy(checkpoints[reference].config)
+    if vocabulary is not None:
+        out["vocab_size"] = vocabulary.rows
     dtype = plan_config.out_dtype or plan_config.dtype
     if dtype:
         out["dtype"] = dtype
@@ -377,16 +444,16 @@ def plan_merge(config: MergeConfig, source: str = "<config>", seed: Optional[int
     layer_sources = [(s.sources[0].model, s.sources[0].start + o) for s in slices for o in range(s.length)]
     reference = planner.reference_model(slices)
     tokenizer_model = config.base_model or reference
-    if config.tokenizer_source not in (None, "base"):
-        tokenizer_model = config.tokenizer_source
-        if tokenizer_model not in planner.checkpoints:
-            planner.checkpoints[tokenizer_model] = open_model(tokenizer_model)
+    named = config.tokenizer_model_field()
+    if named is not None:
+        tokenizer_model = named[0]
     return MergePlan(
         config=config,
         method=planner.method,
         checkpoints=planner.checkpoints,
         tasks=tasks,
-        out_config=_output_config(config, planner.checkpoints, reference, layer_sources),
+        out_config=_output_config(config, planner.checkpoints, reference, layer_sources, planner.vocabulary),
         tokenizer_model=tokenizer_model,
         seed=seed if planner.method.random else None,
+        vocabulary=planner.vocabulary,
     )

@@ -9,6 +9,8 @@ Calling convention (what the planner does): ``function(tensors, base=base, **par
 when the method needs a base, else ``function(tensors, **params)``. ``tensors`` are the
 non-base inputs in config order; a per-model parameter arrives as a list aligned with
 ``tensors``. Methods that sample receive ``generator`` (a seeded ``torch.Generator``).
+A method with ``optional_base`` uses the base when the recipe names one and receives
+``base=None`` otherwise.
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ class Param:
 
     ``per_model``: each input model may carry its own value (mergekit's per-model
     parameters); otherwise one value per output tensor. ``low``/``high`` bound numbers
-    (inclusive unless ``open_low``/``open_high``).
+    (inclusive unless ``open_low``/``open_high``). ``choices`` lists the accepted values of
+    a parameter that is not a plain number or flag (``true``/``false`` there may also be
+    written as strings). ``extension``: mergekit's method has no such parameter; it is a
+    mergelab addition (e.g. ``weight`` for karcher).
     """
 
     name: str
@@ -49,6 +54,7 @@ class Param:
     choices: tuple[Any, ...] | None = None
     help: str = ""
     argument: str | None = None  # Python argument name when ``name`` is a keyword ("lambda")
+    extension: bool = False
 
     @property
     def required(self) -> bool:
@@ -60,6 +66,8 @@ class Param:
 
     def validate(self, value: Any, where: str) -> Any:
         """Coerce ``value`` to this parameter's type and check its range; raise ConfigError."""
+        if self.choices is not None:
+            return self._validate_choice(value, where)
         if self.type is bool:
             if isinstance(value, bool):
                 return value
@@ -86,11 +94,18 @@ class Param:
                     raise ConfigError(f"{where}: '{self.name}' must be a whole number, got {value!r}.")
                 return int(number)
             return number
-        if self.choices is not None and value not in self.choices:
-            raise ConfigError(
-                f"{where}: '{self.name}' = {value!r} is not one of {', '.join(map(repr, self.choices))}."
-            )
         return value
+
+    def _validate_choice(self, value: Any, where: str) -> Any:
+        flags = {"true": True, "yes": True, "false": False, "no": False}
+        if isinstance(value, str) and value.lower() in flags and any(isinstance(c, bool) for c in self.choices):
+            value = flags[value.lower()]
+        for choice in self.choices:
+            # `1 == True` in Python: compare types too, so 1 is not taken for true
+            if type(choice) is type(value) and choice == value:
+                return choice
+        shown = ", ".join("true" if c is True else "false" if c is False else str(c) for c in self.choices)
+        raise ConfigError(f"{where}: '{self.name}' = {value!r} is not one of {shown}.")
 
     def range_text(self) -> str:
         low = "(" if self.open_low else "["
@@ -115,6 +130,12 @@ class MergeMethod:
     differs_from_mergekit: str | None
     accepted_without_effect: tuple[str, ...]
     check: Callable[[dict[str, Any], str], None] | None = field(default=None, compare=False)
+    optional_base: bool = False
+
+    @property
+    def uses_base(self) -> bool:
+        """Whether a base named in the recipe is passed as ``base`` (required or optional)."""
+        return self.needs_base or self.optional_base
 
     @property
     def summary(self) -> str:
@@ -143,7 +164,7 @@ class MergeMethod:
                 kwargs[param.arg_name] = params[param.name]
         if self.random:
             kwargs["generator"] = params.get("generator")
-        if self.needs_base:
+        if self.uses_base:
             return self.function(tensors, base=base, **kwargs)
         return self.function(tensors, **kwargs)
 
@@ -163,6 +184,7 @@ def merge_method(
     differs_from_mergekit: str | None = None,
     accepted_without_effect: tuple[str, ...] = (),
     check: Callable[[dict[str, Any], str], None] | None = None,
+    optional_base: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``function`` as merge method ``name`` (see module docstring for the contract)."""
 
@@ -181,6 +203,7 @@ def merge_method(
             differs_from_mergekit=differs_from_mergekit,
             accepted_without_effect=accepted_without_effect,
             check=check,
+            optional_base=optional_base,
         )
         return function
 

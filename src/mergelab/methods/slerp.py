@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from mergelab.methods.numerics import combine, compute_dtype, gram
 from mergelab.methods.registry import Param, merge_method
 
 DOT_THRESHOLD = 0.9995  # above this |cos| the vectors are (anti)parallel: use lerp
@@ -15,23 +18,21 @@ def slerp_tensors(t: float, start: torch.Tensor, end: torch.Tensor) -> torch.Ten
 
     With flattened tensors a, b and cos Ω = ⟨a/‖a‖, b/‖b‖⟩ (clamped to [−1, 1]):
         θ = sin((1−t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b,   or (1−t)a + tb when |cos Ω| > 0.9995.
-    Computed in float32 (float64 stays float64); returns float32/float64.
+    The inner products come from one chunked pass accumulated in float64, the combination
+    from a second pass in float32 (float64 stays float64); returns float32/float64.
     """
-    dtype = torch.float64 if start.dtype == torch.float64 else torch.float32
-    a = start.reshape(-1).to(dtype)
-    b = end.reshape(-1).to(dtype)
-    norm_a = torch.linalg.vector_norm(a)
-    norm_b = torch.linalg.vector_norm(b)
-    norm_a = norm_a if norm_a > NORM_EPS else torch.ones_like(norm_a)
-    norm_b = norm_b if norm_b > NORM_EPS else torch.ones_like(norm_b)
-    dot = torch.dot(a / norm_a, b / norm_b).clamp(-1, 1)
-    if dot.abs() > DOT_THRESHOLD:
-        result = (1 - t) * a + t * b
+    products = gram([start, end])
+    norm_a = math.sqrt(max(float(products[0, 0]), 0.0))
+    norm_b = math.sqrt(max(float(products[1, 1]), 0.0))
+    norm_a = norm_a if norm_a > NORM_EPS else 1.0
+    norm_b = norm_b if norm_b > NORM_EPS else 1.0
+    dot = min(1.0, max(-1.0, float(products[0, 1]) / (norm_a * norm_b)))
+    if abs(dot) > DOT_THRESHOLD:
+        coefficients = (1 - t, t)
     else:
-        omega = torch.acos(dot)
-        sin_omega = torch.sin(omega)
-        result = (torch.sin((1 - t) * omega) / sin_omega) * a + (torch.sin(t * omega) / sin_omega) * b
-    return result.reshape(start.shape)
+        omega = math.acos(dot)
+        coefficients = (math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega))
+    return combine([start, end], coefficients, compute_dtype(start))
 
 
 @merge_method(

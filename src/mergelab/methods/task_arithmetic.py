@@ -1,8 +1,11 @@
-"""The task-vector family: task arithmetic, TIES, DARE (linear and TIES).
+"""The task-vector family: task arithmetic, TIES, DARE, Model Breadcrumbs, DELLA, magnitude prune.
 
 All of them work on task vectors δ_i = θ_i − θ_base:
 
-    δ_i ← sparsify(δ_i)                (TIES: top-density by |δ|; DARE: random keep)
+    δ_i ← sparsify(δ_i)     (TIES, magnitude prune: top-density by |δ|; DARE: random keep;
+                             Breadcrumbs: drop the top-γ outliers, keep the next density;
+                             DELLA: random keep with a probability that grows with |δ|)
+    δ_i ← δ_i · rescale     (optional: ‖δ‖₁/‖kept δ‖₁ as mergekit, or 1/p as the papers)
     Wδ_i = w_i · δ_i
     with sign consensus (TIES, DARE-TIES):
         s = sign(Σ_i Wδ_i) (0 counts as +),   m_i = [sign(Wδ_i) = s]
@@ -17,13 +20,22 @@ working dtype), as mergekit does.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 
+from mergelab.errors import ConfigError
 from mergelab.methods.consensus import disjoint_merge_, majority_sign
+from mergelab.methods.numerics import CHUNK_ELEMENTS
 from mergelab.methods.registry import Param, merge_method
-from mergelab.methods.sparsify import l1_rescale_factor, magnitude_mask, random_mask
+from mergelab.methods.sparsify import (
+    della_mask,
+    exact_rescale_factor,
+    l1_rescale_factor,
+    magnitude_mask,
+    outlier_mask,
+    random_mask,
+)
 
 WEIGHT = Param("weight", per_model=True, help="scale of each model's task vector")
 DENSITY = Param("density", default=1.0, per_model=True, low=0.0, high=1.0, help="fraction of δ kept")
@@ -37,34 +49,67 @@ def normalize_param(default: bool) -> Param:
     return Param("normalize", type=bool, default=default, help="divide by the sum of (agreeing) weights")
 
 
-def rescale_param(default: bool) -> Param:
-    return Param("rescale", type=bool, default=default, help="rescale kept entries to δ's L1 norm")
+def rescale_param(default: bool, exact: bool = False) -> Param:
+    if not exact:
+        return Param("rescale", type=bool, default=default, help="rescale kept entries to δ's L1 norm")
+    return Param(
+        "rescale",
+        type=object,
+        default=default,
+        choices=(False, True, "exact"),
+        help="true: rescale kept entries to δ's L1 norm (mergekit); exact: × 1/keep-probability (the paper)",
+    )
 
 
-# keep_mask(δ_i, i) -> boolean mask of the entries of task vector i that survive
-KeepMask = Callable[[torch.Tensor, int], torch.Tensor]
+TIE_BREAK = (
+    "entries tied in |δ| at the trim threshold are broken by lowest index (mergekit's sort breaks them arbitrarily, "
+    "so the two can differ in those tied entries); L1 rescale norms are summed in float32"
+)
+GAMMA = Param("gamma", default=0.01, per_model=True, low=0.0, high=1.0, help="fraction of largest |δ| dropped as outliers")
+EPSILON = Param("epsilon", default=0.15, per_model=True, low=0.0, help="spread of keep probabilities around density")
+
+Rescale = Union[bool, str]  # False, True (L1, mergekit) or "exact" (1/p)
+Probability = Union[torch.Tensor, float]
+# keep_mask(δ_i, i) -> boolean mask of the entries of task vector i that survive, or
+# (mask, keep probability) for random sparsifiers (a float, or a tensor shaped like δ_i)
+KeepMask = Callable[[torch.Tensor, int], Union[torch.Tensor, tuple[torch.Tensor, Probability]]]
+
+
+def rescale_factor(
+    delta: torch.Tensor, mask: torch.Tensor, probability: Optional[Probability], rescale: Rescale
+) -> Probability:
+    """The factor kept entries are multiplied by: 1, ‖δ‖₁/‖mask ⊙ δ‖₁ (``true``) or 1/p (``exact``)."""
+    if rescale is False:
+        return 1.0
+    if rescale == "exact":
+        if probability is None:
+            raise ValueError("rescale: exact needs a random sparsifier (DARE, DELLA)")
+        factor = exact_rescale_factor(probability)
+        return factor.reshape(-1) if isinstance(factor, torch.Tensor) else factor
+    return l1_rescale_factor(delta, mask)
 
 
 def keep_masks(
-    tensors: list[torch.Tensor], base: torch.Tensor, keep_mask: KeepMask, rescale: bool
-) -> tuple[list[torch.Tensor], list[torch.Tensor | float]]:
-    """Per task vector δ_i = θ_i − θ_base: its flattened keep mask and (if ``rescale``) its L1 factor.
+    tensors: list[torch.Tensor], base: torch.Tensor, keep_mask: KeepMask, rescale: Rescale
+) -> tuple[list[torch.Tensor], list[Probability]]:
+    """Per task vector δ_i = θ_i − θ_base: its flattened keep mask and its rescale factor.
 
-    One δ buffer is reused across models; only the boolean masks are kept.
+    One δ buffer is reused across models; only the boolean masks (and, for DELLA with
+    ``rescale: exact``, the per-entry factors) are kept.
     """
     delta = torch.empty_like(base)
     masks, factors = [], []
     for index, tensor in enumerate(tensors):
         torch.sub(tensor, base, out=delta)
-        mask = keep_mask(delta, index)
+        kept = keep_mask(delta, index)
+        mask, probability = kept if isinstance(kept, tuple) else (kept, None)
         masks.append(mask.reshape(-1))
-        factors.append(l1_rescale_factor(delta, mask) if rescale else 1.0)
+        factors.append(rescale_factor(delta, mask, probability, rescale))
     return masks, factors
 
 
-# The mixing runs over chunks of the flattened tensors: temporaries stay small and are
-# reused by the allocator instead of faulting in fresh pages for every whole-tensor op.
-CHUNK_ELEMENTS = 1 << 20
+# The mixing runs over chunks of the flattened tensors (numerics.CHUNK_ELEMENTS): temporaries
+# stay small, in cache, and are reused by the allocator instead of faulting in fresh pages.
 
 
 def combine_task_vectors(
@@ -73,7 +118,7 @@ def combine_task_vectors(
     *,
     weight: list[float],
     keep_mask: Optional[KeepMask] = None,
-    rescale: bool = False,
+    rescale: Rescale = False,
     consensus: bool,
     normalize: bool,
     lambda_: float,
@@ -92,8 +137,11 @@ def combine_task_vectors(
         for index, value in enumerate(weight):
             if masks is not None:
                 chunk[index].mul_(masks[index][start:end])
-                if not isinstance(factors[index], float) or factors[index] != 1.0:
-                    chunk[index].mul_(factors[index])
+                factor = factors[index]
+                if isinstance(factor, torch.Tensor):
+                    chunk[index].mul_(factor[start:end] if factor.dim() else factor)
+                elif factor != 1.0:
+                    chunk[index].mul_(factor)
             chunk[index].mul_(value)
         if consensus:
             mixed = disjoint_merge_(chunk, weight, majority_sign(chunk), normalize)
@@ -122,6 +170,7 @@ def task_arithmetic(tensors, base, *, weight, normalize=False, lambda_=1.0):
     "ties",
     params=(WEIGHT, DENSITY, normalize_param(True), rescale_param(False), LAMBDA, INT8_MASK),
     paper="TIES-Merging: Resolving Interference When Merging Models (Yadav et al., 2023) https://arxiv.org/abs/2306.01708",
+    differs_from_mergekit=TIE_BREAK,
 )
 def ties(tensors, base, *, weight, density, normalize=True, rescale=False, lambda_=1.0, int8_mask=False):
     """Trim each δ_i to its top-density entries by |δ|, elect sign s = sign(Σ w_i δ_i), average agreeing entries.
@@ -140,21 +189,37 @@ def ties(tensors, base, *, weight, density, normalize=True, rescale=False, lambd
     )
 
 
+DARE_DIFFERS = (
+    "accepts rescale: exact (× 1/density, the DARE paper's rescale) beside mergekit's rescale: true (match δ's L1 "
+    "norm); L1 norms are summed in float32, so float16 inputs cannot overflow; masks come from a per-tensor seed"
+)
+
+
+def dare_keep(density: list[float], generator: Optional[torch.Generator]) -> KeepMask:
+    """DARE's sparsifier: keep each entry of δ_i with probability density_i."""
+    return lambda delta, i: (random_mask(delta, density[i], generator), density[i])
+
+
 @merge_method(
     "dare_ties",
-    params=(WEIGHT, DENSITY, normalize_param(False), rescale_param(True), LAMBDA, INT8_MASK),
+    params=(WEIGHT, DENSITY, normalize_param(False), rescale_param(True, exact=True), LAMBDA, INT8_MASK),
     random=True,
     paper="Language Models are Super Mario: DARE (Yu et al., 2024) https://arxiv.org/abs/2311.03099",
+    differs_from_mergekit=DARE_DIFFERS,
 )
 def dare_ties(
     tensors, base, *, weight, density, normalize=False, rescale=True, lambda_=1.0, int8_mask=False, generator=None
 ):
-    """DARE drop (keep each δ entry with probability density, L1-rescale) then TIES sign consensus."""
+    """DARE drop (keep each δ entry with probability density, rescale) then TIES sign consensus.
+
+    δ_i ← Bernoulli(density_i) ⊙ δ_i · r_i, r_i = ‖δ_i‖₁/‖kept δ_i‖₁ (rescale: true) or 1/density_i
+    (rescale: exact); θ = θ_base + λ · Σ_i m_i w_i δ_i (÷ Σ_i m_i w_i if normalize).
+    """
     return combine_task_vectors(
         tensors,
         base,
         weight=weight,
-        keep_mask=lambda delta, i: random_mask(delta, density[i], generator),
+        keep_mask=dare_keep(density, generator),
         rescale=rescale,
         consensus=True,
         normalize=normalize,
@@ -164,20 +229,182 @@ def dare_ties(
 
 @merge_method(
     "dare_linear",
-    params=(WEIGHT, DENSITY, normalize_param(False), rescale_param(True), LAMBDA),
+    params=(WEIGHT, DENSITY, normalize_param(False), rescale_param(True, exact=True), LAMBDA),
     random=True,
     paper="Language Models are Super Mario: DARE (Yu et al., 2024) https://arxiv.org/abs/2311.03099",
+    differs_from_mergekit=DARE_DIFFERS,
     accepted_without_effect=("int8_mask",),
 )
 def dare_linear(tensors, base, *, weight, density, normalize=False, rescale=True, lambda_=1.0, generator=None):
-    """DARE drop (keep each δ entry with probability density, L1-rescale), then θ_base + λ Σ_i w_i δ_i."""
+    """DARE drop (keep each δ entry with probability density, rescale), then θ_base + λ Σ_i w_i δ_i.
+
+    r_i = ‖δ_i‖₁/‖kept δ_i‖₁ (rescale: true, mergekit) or 1/density_i (rescale: exact, the paper).
+    """
     return combine_task_vectors(
         tensors,
         base,
         weight=weight,
-        keep_mask=lambda delta, i: random_mask(delta, density[i], generator),
+        keep_mask=dare_keep(density, generator),
         rescale=rescale,
         consensus=False,
         normalize=normalize,
+        lambda_=lambda_,
+    )
+
+
+BREADCRUMBS_PAPER = "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks (Davari & Belilovsky, 2024) https://arxiv.org/abs/2312.06795"
+
+
+def breadcrumbs_keep(density: list[float], gamma: list[float]) -> KeepMask:
+    return lambda delta, i: outlier_mask(delta, density[i], gamma[i])
+
+
+@merge_method(
+    "breadcrumbs",
+    params=(WEIGHT, DENSITY, GAMMA, normalize_param(False), rescale_param(False), LAMBDA),
+    paper=BREADCRUMBS_PAPER,
+    differs_from_mergekit=TIE_BREAK,
+    accepted_without_effect=("int8_mask",),
+)
+def breadcrumbs(tensors, base, *, weight, density, gamma, normalize=False, rescale=False, lambda_=1.0):
+    """Drop the top-γ outliers of each |δ_i| and keep the next density, then θ_base + λ Σ_i w_i δ_i.
+
+    Kept: ranks [min(γN, N − k), … + k) of |δ_i| in descending order, k = int(density·N);
+    γ = 0 keeps exactly the top-density entries; density 1 keeps δ_i whole.
+    """
+    return combine_task_vectors(
+        tensors,
+        base,
+        weight=weight,
+        keep_mask=breadcrumbs_keep(density, gamma),
+        rescale=rescale,
+        consensus=False,
+        normalize=normalize,
+        lambda_=lambda_,
+    )
+
+
+@merge_method(
+    "breadcrumbs_ties",
+    params=(WEIGHT, DENSITY, GAMMA, normalize_param(False), rescale_param(False), LAMBDA, INT8_MASK),
+    paper=BREADCRUMBS_PAPER,
+    differs_from_mergekit=TIE_BREAK,
+)
+def breadcrumbs_ties(
+    tensors, base, *, weight, density, gamma, normalize=False, rescale=False, lambda_=1.0, int8_mask=False
+):
+    """Breadcrumbs sparsification (drop top-γ outliers, keep the next density) then TIES sign consensus.
+
+    θ = θ_base + λ · Σ_i m_i w_i bc(δ_i)  (÷ Σ_i m_i w_i if normalize), m_i = [sign(w_i bc(δ_i)) = s].
+    """
+    return combine_task_vectors(
+        tensors,
+        base,
+        weight=weight,
+        keep_mask=breadcrumbs_keep(density, gamma),
+        rescale=rescale,
+        consensus=True,
+        normalize=normalize,
+        lambda_=lambda_,
+    )
+
+
+DELLA_PAPER = "DELLA-Merging: Reducing Interference in Model Merging through Magnitude-Based Sampling (Deep et al., 2024) https://arxiv.org/abs/2406.11617"
+DELLA_DIFFERS = (
+    "accepts rescale: exact (× 1/p per entry, the DELLA paper's rescale) beside mergekit's rescale: true (match δ's "
+    "L1 norm); L1 norms are summed in float32; density ± epsilon outside (0, 1) is refused at planning time, naming "
+    "the tensor (mergekit fails mid-merge); masks come from a per-tensor seed"
+)
+
+
+def _check_della(params: dict[str, Any], where: str) -> None:
+    for index, (density, epsilon) in enumerate(zip(params["density"], params["epsilon"])):
+        if 0 < density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
+            raise ConfigError(
+                f"{where}: model {index + 1} (in config order, base excluded) has density {density:g} and epsilon "
+                f"{epsilon:g}, but DELLA needs 0 < density - epsilon and density + epsilon < 1; lower epsilon "
+                f"(below {min(density, 1 - density):g}) or change density."
+            )
+
+
+def della_keep(
+    density: list[float], epsilon: list[float], generator: Optional[torch.Generator], rescale: Rescale
+) -> KeepMask:
+    exact = rescale == "exact"  # only the exact rescale needs the per-entry keep probabilities
+    return lambda delta, i: della_mask(delta, density[i], epsilon[i], generator, with_probabilities=exact)
+
+
+@merge_method(
+    "della",
+    params=(WEIGHT, DENSITY, EPSILON, normalize_param(True), rescale_param(True, exact=True), LAMBDA, INT8_MASK),
+    random=True,
+    paper=DELLA_PAPER,
+    differs_from_mergekit=DELLA_DIFFERS,
+    check=_check_della,
+)
+def della(
+    tensors, base, *, weight, density, epsilon, normalize=True, rescale=True, lambda_=1.0, int8_mask=False,
+    generator=None,
+):
+    """DELLA MagPrune (keep δ entries with probability rising with |δ|, rescale) then TIES sign consensus.
+
+    Per row, p = density − ε + 2ε·(rank − 1)/(n − 1) with rank of |δ| ascending; δ_i ← Bernoulli(p) ⊙ δ_i · r_i,
+    r_i = ‖δ_i‖₁/‖kept δ_i‖₁ (rescale: true) or 1/p (rescale: exact); θ = θ_base + λ Σ_i m_i w_i δ_i / Σ_i m_i w_i.
+    """
+    return combine_task_vectors(
+        tensors,
+        base,
+        weight=weight,
+        keep_mask=della_keep(density, epsilon, generator, rescale),
+        rescale=rescale,
+        consensus=True,
+        normalize=normalize,
+        lambda_=lambda_,
+    )
+
+
+@merge_method(
+    "della_linear",
+    params=(WEIGHT, DENSITY, EPSILON, normalize_param(False), rescale_param(True, exact=True), LAMBDA),
+    random=True,
+    paper=DELLA_PAPER,
+    differs_from_mergekit=DELLA_DIFFERS,
+    accepted_without_effect=("int8_mask",),
+    check=_check_della,
+)
+def della_linear(
+    tensors, base, *, weight, density, epsilon, normalize=False, rescale=True, lambda_=1.0, generator=None
+):
+    """DELLA MagPrune (probability rising with |δ|, rescale), then θ_base + λ Σ_i w_i δ_i (no sign consensus)."""
+    return combine_task_vectors(
+        tensors,
+        base,
+        weight=weight,
+        keep_mask=della_keep(density, epsilon, generator, rescale),
+        rescale=rescale,
+        consensus=False,
+        normalize=normalize,
+        lambda_=lambda_,
+    )
+
+
+@merge_method(
+    "magnitude_prune",
+    params=(WEIGHT, DENSITY, LAMBDA),
+    paper="PEFT add_weighted_adapter combination_type='magnitude_prune' https://huggingface.co/docs/peft/developer_guides/model_merging",
+    differs_from_mergekit="not a mergekit method: PEFT's combination type (k = int(density·N), may be 0)",
+)
+def magnitude_prune(tensors, base, *, weight, density, lambda_=1.0):
+    """Trim each δ_i to its top int(density·N) entries by |δ|, then θ_base + λ Σ_i w_i δ_i (no sign consensus).
+
+    PEFT's ``magnitude_prune`` combination, per tensor; density may differ per model.
+    """
+    return combine_task_vectors(
+        tensors,
+        base,
+        weight=weight,
+        keep_mask=lambda delta, i: magnitude_mask(delta, density[i], at_least_one=False),
+        consensus=False,
+        normalize=False,
         lambda_=lambda_,
     )

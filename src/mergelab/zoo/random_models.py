@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2")
 
 WORDS = (
     "the a an and or of to in on at is are was were be it this that with for as by from "
@@ -21,18 +21,41 @@ WORDS = (
 ).split()
 
 
+# Families whose checkpoints tie the output head to the input embeddings by default.
+TIED_BY_DEFAULT = ("gemma2", "gemma3", "gpt2")
+
+
 def model_config(family: str = "llama", *, hidden: int = 32, layers: int = 2, intermediate: int = 64,
-                 heads: int = 4, kv_heads: int = 2, vocab: int = 320, tie_embeddings: bool = False) -> Any:
-    """A transformers config for ``family`` with the given sizes."""
+                 heads: int = 4, kv_heads: int = 2, vocab: int = 320, tie_embeddings: bool | None = None) -> Any:
+    """A transformers config for ``family`` with the given sizes.
+
+    ``tie_embeddings`` None takes the family's usual choice (tied for Gemma and GPT-2).
+    """
     import transformers
 
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family '{family}'; choose from {', '.join(FAMILIES)}")
+    tied = family in TIED_BY_DEFAULT if tie_embeddings is None else tie_embeddings
+    special = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=tied)
+    if family == "gpt2":
+        return transformers.GPT2Config(
+            n_embd=hidden, n_layer=layers, n_head=heads, n_inner=intermediate, vocab_size=vocab, n_positions=256,
+            **special,
+        )
     classes = {
         "llama": transformers.LlamaConfig,
         "mistral": transformers.MistralConfig,
         "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+        "gemma2": transformers.Gemma2Config,
+        "gemma3": transformers.Gemma3TextConfig,
+        "phi3": transformers.Phi3Config,
     }
-    if family not in classes:
-        raise ValueError(f"unknown family '{family}'; choose from {', '.join(classes)}")
+    extra: dict[str, Any] = {}
+    if family in ("qwen3", "gemma2", "gemma3"):
+        extra["head_dim"] = hidden // heads
+    if family in ("gemma2", "gemma3"):
+        extra["sliding_window"] = 64
     return classes[family](
         hidden_size=hidden,
         intermediate_size=intermediate,
@@ -41,10 +64,8 @@ def model_config(family: str = "llama", *, hidden: int = 32, layers: int = 2, in
         num_key_value_heads=kv_heads,
         vocab_size=vocab,
         max_position_embeddings=256,
-        tie_word_embeddings=tie_embeddings,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+        **special,
+        **extra,
     )
 
 
