@@ -1,0 +1,679 @@
+"""PEFT LoRA adapter directories: read them, write them, and apply them to a base on the fly.
+
+A PEFT adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors``
+whose tensors are named ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``
+(``lora_embedding_A`` / ``lora_embedding_B`` for embeddings). For one module
+
+    ΔW = scaling · B·A,   scaling = alpha / r   (alpha / √r with ``use_rslora``)
+
+where r and alpha come from ``rank_pattern`` / ``alpha_pattern`` when a pattern matches
+the module (PEFT's rule: the first pattern p with ``(.*\\.)?(p)$`` matching the module
+name), else from ``r`` / ``lora_alpha``. ΔW is laid out like the module's weight: it is
+(B·A)ᵀ for embeddings (A is [r, vocab], B is [dim, r]) and for ``fan_in_fan_out`` layers
+(GPT-2's Conv1D stores [in, out]).
+
+Other tensors are full copies that replace the base's: ``modules_to_save`` modules
+(``base_model.model.lm_head.weight``) and base layers PEFT saved beside a LoRA module
+(``...embed_tokens.base_layer.weight``).
+
+``AdaptedModel`` is a tensor source that reads like a ``Checkpoint`` of the base and
+returns W + Σ ΔW per tensor, computed when a tensor is asked for: this is what a model
+reference ``BASE+ADAPTER`` (mergekit's syntax) means.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+from mergelab.errors import InputError
+from mergelab.io.checkpoint import (
+    PICKLE_SUFFIXES,
+    Checkpoint,
+    TensorInfo,
+    read_safetensors_header,
+    read_tensor,
+    resolve_model_dir,
+)
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+# tensor-name suffix -> (kind of module, which factor)
+_LORA_SUFFIXES = (
+    (".lora_A.weight", "linear", "A"),
+    (".lora_B.weight", "linear", "B"),
+    (".lora_B.bias", "linear", "bias"),
+    (".lora_embedding_A", "embedding", "A"),
+    (".lora_embedding_B", "embedding", "B"),
+)
+
+# Config switches whose adapters are not plain LoRA: refused rather than half-applied.
+_UNSUPPORTED_SWITCHES = {
+    "use_dora": "DoRA (use_dora) adapters rescale the weight's columns and are not plain LoRA",
+    "layer_replication": "layer_replication changes the model's layer structure",
+    "target_parameters": "LoRA on nn.Parameter targets (target_parameters) is not plain module LoRA",
+    "use_qalora": "QA-LoRA (use_qalora) adapters pool their inputs and are not plain LoRA",
+}
+
+
+def lora_tensor_names(module: str, embedding: bool) -> tuple[str, str]:
+    """PEFT's names for the A and B factors of ``module`` (a base module name)."""
+    if embedding:
+        return f"{PEFT_PREFIX}{module}.lora_embedding_A", f"{PEFT_PREFIX}{module}.lora_embedding_B"
+    return f"{PEFT_PREFIX}{module}.lora_A.weight", f"{PEFT_PREFIX}{module}.lora_B.weight"
+
+
+def pattern_key(patterns: Sequence[str], module: str) -> str | None:
+    """The first rank/alpha pattern that applies to ``module`` (PEFT's ``get_pattern_key``)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def lora_delta(a: Any, b: Any, scaling: float, transposed: bool) -> Any:
+    """ΔW = scaling · B·A, laid out like the module's weight ((B·A)ᵀ when ``transposed``).
+
+    The operations and their order are PEFT's ``get_delta_weight``, so float32 results are
+    bit-identical to PEFT's.
+    """
+    product = b @ a
+    if transposed:
+        product = product.T
+    return product * scaling
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One module an adapter changes: its factor tensors and its scaling."""
+
+    name: str  # base module name, e.g. model.layers.0.self_attn.q_proj
+    a: TensorInfo  # [r, in] (embedding: [r, vocab])
+    b: TensorInfo  # [out, r] (embedding: [dim, r])
+    rank: int
+    alpha: float
+    scaling: float
+    embedding: bool
+    fan_in_fan_out: bool
+    bias: TensorInfo | None = None  # lora_B.bias (lora_bias adapters)
+
+    @property
+    def weight_name(self) -> str:
+        return f"{self.name}.weight"
+
+    @property
+    def transposed(self) -> bool:
+        """ΔW is (B·A)ᵀ: embeddings, and fan_in_fan_out (Conv1D) layers."""
+        return self.embedding or self.fan_in_fan_out
+
+    @property
+    def factor_shape(self) -> tuple[int, int]:
+        """Shape of B·A: [out, in] (embedding: [dim, vocab])."""
+        return (self.b.shape[0], self.a.shape[1])
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """Shape of ΔW, the same as the module's weight in the base checkpoint."""
+        rows, cols = self.factor_shape
+        return (cols, rows) if self.transposed else (rows, cols)
+
+
+class Adapter:
+    """A PEFT LoRA adapter directory, read lazily (headers at open, factors on request).
+
+    Validates the config against the tensors: every module has both factors, ranks agree
+    with ``r`` / ``rank_pattern``, no rank is 0. Serves its raw tensors by name, like a
+    ``Checkpoint`` (``get_tensor``, ``info``), so the engine can read it.
+    """
+
+    def __init__(self, reference: str | os.PathLike[str]):
+        self.reference = str(reference)
+        try:
+            self.path = resolve_model_dir(self.reference)
+        except InputError as exc:
+            raise InputError(f"adapter '{self.reference}': {exc}") from None
+        if not self.path.is_dir():
+            raise InputError(f"adapter '{self.reference}' is a file; give the adapter directory that holds {ADAPTER_CONFIG}.")
+        config_path = self.path / ADAPTER_CONFIG
+        if not config_path.is_file():
+            raise InputError(
+                f"{self.path}: no {ADAPTER_CONFIG}, so this is not a PEFT adapter directory "
+                "(save adapters with PeftModel.save_pretrained)."
+            )
+        try:
+            self.config: dict[str, Any] = json.loads(config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{config_path}: invalid JSON ({exc}).") from None
+        if not isinstance(self.config, dict):
+            raise InputError(f"{config_path}: expected a JSON object.")
+        self.weights_path = self.path / ADAPTER_WEIGHTS
+        if not self.weights_path.is_file():
+            self._refuse_missing_weights()
+        self._read_config(config_path)
+        self.tensors: dict[str, TensorInfo] = read_safetensors_header(self.weights_path)
+        self.modules: dict[str, LoraModule] = {}
+        self.full_tensors: dict[str, str] = {}  # base tensor name -> adapter tensor name
+        self._classify_tensors()
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+
+    # ---- reading the directory -----------------------------------------------------------
+    def _refuse_missing_weights(self) -> None:
+        pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise InputError(
+                f"{self.path}: the adapter weights are a pickle file ({', '.join(pickles[:3])}), which mergelab "
+                "refuses to load because unpickling can run arbitrary code. Convert it once, in an environment you "
+                "trust: PeftModel.from_pretrained(base, path).save_pretrained(out, safe_serialization=True)."
+            )
+        raise InputError(f"{self.path}: {ADAPTER_WEIGHTS} is missing; the adapter directory is incomplete.")
+
+    def _read_config(self, config_path: Path) -> None:
+        config = self.config
+        where = str(config_path)
+        peft_type = str(config.get("peft_type", "LORA")).upper()
+        if peft_type != "LORA":
+            raise InputError(f"{where}: peft_type is {peft_type}; mergelab reads LoRA adapters only.")
+        for switch, why in _UNSUPPORTED_SWITCHES.items():
+            if config.get(switch):
+                raise InputError(f"{where}: {switch} is set; {why}, which mergelab does not support.")
+        self.r = _positive_int(config.get("r", 8), f"{where}: r")
+        self.lora_alpha = _number(config.get("lora_alpha", 8), f"{where}: lora_alpha")
+        self.use_rslora = bool(config.get("use_rslora", False))
+        self.fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+        self.lora_bias = bool(config.get("lora_bias", False))
+        self.rank_pattern = _pattern(config.get("rank_pattern"), f"{where}: rank_pattern")
+        self.alpha_pattern = _pattern(config.get("alpha_pattern"), f"{where}: alpha_pattern")
+        for key, value in self.rank_pattern.items():
+            _positive_int(value, f"{where}: rank_pattern['{key}']")
+        for key, value in self.alpha_pattern.items():
+            _number(value, f"{where}: alpha_pattern['{key}']")
+        target = config.get("target_modules")
+        if target is not None and not isinstance(target, (str, list)):
+            raise InputError(f"{where}: target_modules must be a list of names or a regular expression.")
+        self.target_modules: str | list[str] | None = target
+        self.modules_to_save: list[str] = list(config.get("modules_to_save") or [])
+        self.base_model_name_or_path: str | None = config.get("base_model_name_or_path")
+
+    def _classify_tensors(self) -> None:
+        factors: dict[tuple[str, str], dict[str, TensorInfo]] = {}
+        where = str(self.weights_path)
+        for name, info in self.tensors.items():
+            if not name.startswith(PEFT_PREFIX):
+                raise InputError(
+                    f"{where}: tensor '{name}' does not start with '{PEFT_PREFIX}'; this is not a PEFT adapter "
+                    "saved by PeftModel.save_pretrained."
+                )
+            for suffix, kind, part in _LORA_SUFFIXES:
+                if name.endswith(suffix):
+                    module = name[len(PEFT_PREFIX) : -len(suffix)]
+                    factors.setdefault((module, kind), {})[part] = info
+                    break
+            else:
+                if ".lora_" in name:
+                    raise InputError(
+                        f"{where}: tensor '{name}' is a LoRA tensor of a kind mergelab does not know (only lora_A, "
+                        "lora_B, lora_embedding_A/B and lora_B.bias are plain LoRA)."
+                    )
+                base_name = name[len(PEFT_PREFIX) :].replace(".base_layer.", ".")
+                self.full_tensors[base_name] = name
+        for (module, kind), parts in sorted(factors.items()):
+            if "A" not in parts or "B" not in parts:
+                missing = "A" if "A" not in parts else "B"
+                raise InputError(f"{where}: module '{module}' has no lora_{missing} tensor; the adapter file is incomplete.")
+            if module in self.modules:
+                raise InputError(f"{where}: module '{module}' has both linear and embedding LoRA tensors.")
+            self.modules[module] = self._module(module, kind, parts)
+        if not self.modules and not self.full_tensors:
+            raise InputError(f"{where}: holds no LoRA tensors.")
+
+    def _module(self, module: str, kind: str, parts: dict[str, TensorInfo]) -> LoraModule:
+        where = f"{self.weights_path}: module '{module}'"
+        a, b = parts["A"], parts["B"]
+        if len(a.shape) != 2 or len(b.shape) != 2:
+            raise InputError(f"{where}: LoRA factors must be matrices (got {list(a.shape)} and {list(b.shape)}); "
+                             "convolution LoRA is not supported.")
+        rank = a.shape[0]
+        if b.shape[1] != rank:
+            raise InputError(f"{where}: lora_A has {rank} rows but lora_B has {b.shape[1]} columns; they must agree.")
+        if rank == 0:
+            raise InputError(f"{where}: rank 0 (empty factors); remove the module or re-save the adapter.")
+        if not (a.is_floating_point and b.is_floating_point):
+            raise InputError(f"{where}: factors must be floating point (got {a.dtype}, {b.dtype}); quantized adapters "
+                             "are not supported.")
+        r_key = pattern_key(list(self.rank_pattern), module)
+        alpha_key = pattern_key(list(self.alpha_pattern), module)
+        r = int(self.rank_pattern[r_key]) if r_key is not None else self.r
+        alpha = float(self.alpha_pattern[alpha_key]) if alpha_key is not None else self.lora_alpha
+        if r != rank:
+            source = f"rank_pattern['{r_key}']" if r_key is not None else "r"
+            raise InputError(
+                f"{where}: {ADAPTER_CONFIG} says rank {r} ({source}) but the factors have rank {rank}; "
+                "the config does not belong to these weights."
+            )
+        scaling = alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        bias = parts.get("bias")
+        if bias is not None and (len(bias.shape) != 1 or bias.shape[0] != b.shape[0]):
+            raise InputError(f"{where}: lora_B.bias has shape {list(bias.shape)}, expected [{b.shape[0]}].")
+        return LoraModule(
+            name=module,
+            a=a,
+            b=b,
+            rank=rank,
+            alpha=alpha,
+            scaling=scaling,
+            embedding=kind == "embedding",
+            fan_in_fan_out=self.fan_in_fan_out and kind == "linear",
+            bias=bias,
+        )
+
+    # ---- facts -------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.reference
+
+    @property
+    def max_rank(self) -> int:
+        return max((m.rank for m in self.modules.values()), default=0)
+
+    @property
+    def factor_dtype(self) -> str:
+        for module in self.modules.values():
+            return module.a.dtype
+        return "float32"
+
+    def layer_prefixes(self) -> set[str]:
+        """Where numbered blocks live in module names ('model.layers', 'transformer.h', ...)."""
+        prefixes = set()
+        for name in list(self.modules) + list(self.full_tensors):
+            match = re.match(r"^(.*?)\.\d+\.", name)
+            if match:
+                prefixes.add(match.group(1))
+        return prefixes
+
+    def check_base(self, base_tensors: Mapping[str, TensorInfo], base_name: str) -> None:
+        """Every module and full tensor of this adapter must exist in the base with the same shape."""
+        for module in self.modules.values():
+            info = base_tensors.get(module.weight_name)
+            if info is None:
+                raise InputError(
+                    f"adapter '{self.reference}' targets module '{module.name}', which base model '{base_name}' does "
+                    f"not have (no tensor '{module.weight_name}'); the adapter was trained on a different architecture."
+                )
+            if tuple(info.shape) != module.weight_shape:
+                raise InputError(
+                    f"adapter '{self.reference}': module '{module.name}' expects a weight of shape "
+                    f"{list(module.weight_shape)} but base model '{base_name}' has {list(info.shape)}; the adapter "
+                    "was trained on a model of a different size."
+                )
+            if module.bias is not None and f"{module.name}.bias" not in base_tensors:
+                raise InputError(
+                    f"adapter '{self.reference}': module '{module.name}' has a LoRA bias (lora_bias) but base model "
+                    f"'{base_name}' has no '{module.name}.bias'."
+                )
+        for base_name_of_tensor, adapter_name in self.full_tensors.items():
+            info = base_tensors.get(base_name_of_tensor)
+            saved = self.tensors[adapter_name]
+            if info is None:
+                raise InputError(
+                    f"adapter '{self.reference}' saves a full copy of '{base_name_of_tensor}' (modules_to_save), which "
+                    f"base model '{base_name}' does not have; the adapter was trained on a different architecture."
+                )
+            if tuple(info.shape) != tuple(saved.shape):
+                raise InputError(
+                    f"adapter '{self.reference}' saves '{base_name_of_tensor}' with shape {list(saved.shape)} but base "
+                    f"model '{base_name}' has {list(info.shape)}; if the adapter was trained with a resized "
+                    "vocabulary, resize the base model's embeddings first."
+                )
+        if isinstance(self.target_modules, list):
+            module_names = {name.rsplit(".", 1)[0] for name in base_tensors}
+            for target in self.target_modules:
+                if target not in module_names and not any(m.endswith(f".{target}") for m in module_names):
+                    log.warning(
+                        "adapter '%s': target module '%s' in %s matches no module of base model '%s'",
+                        self.reference, target, ADAPTER_CONFIG, base_name,
+                    )
+
+    # ---- data (a TensorSource of the raw adapter tensors) -------------------------------
+    def __contains__(self, tensor_name: str) -> bool:
+        return tensor_name in self.tensors
+
+    def info(self, tensor_name: str) -> TensorInfo:
+        try:
+            return self.tensors[tensor_name]
+        except KeyError:
+            raise InputError(f"{self.weights_path}: has no tensor '{tensor_name}'.") from None
+
+    def get_tensor(self, tensor_name: str) -> Any:
+        info = self.info(tensor_name)
+        with self._lock:
+            if self._fd is None:
+                self._fd = os.open(self.weights_path, os.O_RDONLY)
+            fd = self._fd
+        return read_tensor(fd, info, self.weights_path)
+
+    def delta(self, module: str) -> Any:
+        """ΔW of ``module`` (float32 or wider), laid out like the base weight."""
+        import torch
+
+        spec = self.modules[module]
+        work = torch.promote_types(getattr(torch, spec.a.dtype), torch.float32)
+        a = self.get_tensor(spec.a.name).to(work)
+        b = self.get_tensor(spec.b.name).to(work)
+        return lora_delta(a, b, spec.scaling, spec.transposed)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"Adapter({self.reference!r}, {len(self.modules)} LoRA modules, {len(self.full_tensors)} full tensors)"
+
+
+def _positive_int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise InputError(f"{where} must be a whole number, got {value!r}.")
+    if value < 1:
+        raise InputError(f"{where} is {value!r}; a LoRA rank must be at least 1.")
+    return int(value)
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InputError(f"{where} must be a finite number, got {value!r}.")
+    return float(value)
+
+
+def _pattern(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InputError(f"{where} must be a mapping from module pattern to value.")
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+# Applying adapters to base tensors: W' = W + Σ_i w_i ΔW_i
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpdateTerm:
+    """One adapter's contribution to one base tensor, scaled by that adapter's weight w.
+
+    kind ``lora``: w · scaling · (B·A)[ᵀ] (inputs A, B); ``bias``: w · scaling · b (input
+    lora_B.bias); ``full``: the adapter's saved copy S (modules_to_save) contributes
+    w · (S − W), so with w = 1 it replaces W, as PEFT's ``merge_and_unload`` does.
+    """
+
+    kind: str
+    source: int  # index of the adapter
+    tensors: tuple[str, ...]  # adapter tensor names this term reads, in order
+    weight: float = 1.0
+    scaling: float = 1.0
+    transposed: bool = False
+
+    def describe(self) -> str:
+        if self.kind == "full":
+            return f"{self.weight:g}·(S{self.source} − W)"
+        factor = f"{self.weight:g}·{self.scaling:.4g}"
+        product = "(B·A)ᵀ" if self.transposed else ("b" if self.kind == "bias" else "B·A")
+        return f"{factor}·{product}[{self.source}]"
+
+
+@dataclass(frozen=True)
+class TensorUpdate:
+    """Every adapter contribution to one base tensor, in adapter order."""
+
+    terms: tuple[UpdateTerm, ...]
+
+    @property
+    def inputs(self) -> tuple[tuple[int, str], ...]:
+        """(adapter index, tensor name) of every adapter tensor, in the order ``apply`` takes them."""
+        return tuple((term.source, name) for term in self.terms for name in term.tensors)
+
+    def apply(self, weight: Any, loaded: Sequence[Any]) -> Any:
+        """W + Σ terms, in the working dtype of ``weight``.
+
+        Full copies first (one copy with w = 1 replaces W exactly), then LoRA updates
+        added one adapter at a time in adapter order, as PEFT merges them.
+        """
+        values = iter(loaded)
+        per_term = [[next(values) for _ in term.tensors] for term in self.terms]
+        full = [(term, tensors[0]) for term, tensors in zip(self.terms, per_term) if term.kind == "full"]
+        if len(full) == 1 and full[0][0].weight == 1.0:
+            result = full[0][1].to(weight.dtype).clone()
+        else:
+            result = weight.clone()
+            for term, saved in full:
+                result.add_(saved.to(weight.dtype) - weight, alpha=term.weight)
+        for term, tensors in zip(self.terms, per_term):
+            if term.kind == "lora":
+                delta = lora_delta(tensors[0], tensors[1], term.scaling, term.transposed)
+            elif term.kind == "bias":
+                delta = tensors[0] * term.scaling
+            else:
+                continue
+            if term.weight != 1.0:
+                delta = delta * term.weight
+            result += delta.to(weight.dtype)
+        return result
+
+    def describe(self) -> str:
+        return "W + " + " + ".join(term.describe() for term in self.terms)
+
+
+def plan_updates(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[str, TensorUpdate]:
+    """Base tensor name -> the update the adapters make to it (tensors they leave alone are absent)."""
+    terms: dict[str, list[UpdateTerm]] = {}
+    for index, (adapter, weight) in enumerate(zip(adapters, weights)):
+        for module in adapter.modules.values():
+            terms.setdefault(module.weight_name, []).append(
+                UpdateTerm("lora", index, (module.a.name, module.b.name), weight, module.scaling, module.transposed)
+            )
+            if module.bias is not None:
+                terms.setdefault(f"{module.name}.bias", []).append(
+                    UpdateTerm("bias", index, (module.bias.name,), weight, module.scaling)
+                )
+        for base_name, adapter_name in adapter.full_tensors.items():
+            terms.setdefault(base_name, []).append(UpdateTerm("full", index, (adapter_name,), weight))
+    return {name: TensorUpdate(tuple(found)) for name, found in terms.items()}
+
+
+class AdaptedModel:
+    """A base checkpoint with LoRA adapters applied on the fly: reads like a ``Checkpoint``.
+
+    ``get_tensor(name)`` returns W + Σ_i w_i ΔW_i for the tensors the adapters change
+    (computed in float32, or float64 for float64 bases, and returned in the base's dtype),
+    and the base tensor otherwise. Nothing is written to disk.
+    """
+
+    def __init__(self, base: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
+                 reference: str | None = None):
+        if not adapters:
+            raise InputError("an adapted model needs at least one adapter.")
+        weights = list(weights) if weights is not None else [1.0] * len(adapters)
+        if len(weights) != len(adapters):
+            raise InputError(f"{len(weights)} weights given for {len(adapters)} adapters; give one weight per adapter.")
+        for adapter in adapters:
+            adapter.check_base(base.tensors, base.reference)
+        self.base = base
+        self.adapters = list(adapters)
+        self.weights = weights
+        self.reference = reference or "+".join([base.reference] + [a.reference for a in adapters])
+        self.updates = plan_updates(self.adapters, weights)
+
+    # ---- Checkpoint facts, from the base -------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.reference
+
+    @property
+    def path(self) -> Path:
+        return self.base.path
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.base.config
+
+    @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        return self.base.tensors
+
+    @property
+    def num_layers(self) -> int | None:
+        return self.base.num_layers
+
+    @property
+    def tokenizer_files(self) -> list[Path]:
+        return self.base.tokenizer_files
+
+    def __contains__(self, tensor_name: str) -> bool:
+        return tensor_name in self.base.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.base.tensors)
+
+    def info(self, tensor_name: str) -> TensorInfo:
+        return self.base.info(tensor_name)
+
+    # ---- data ----------------------------------------------------------------------------
+    def get_tensor(self, tensor_name: str) -> Any:
+        import torch
+
+        weight = self.base.get_tensor(tensor_name)
+        update = self.updates.get(tensor_name)
+        if update is None:
+            return weight
+        work = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        loaded = [self.adapters[index].get_tensor(name).to(work) for index, name in update.inputs]
+        return update.apply(weight.to(work), loaded).to(weight.dtype)
+
+    def close(self) -> None:
+        self.base.close()
+        for adapter in self.adapters:
+            adapter.close()
+
+    def __repr__(self) -> str:
+        return f"AdaptedModel({self.reference!r}, {len(self.updates)} tensors changed)"
+
+
+def split_adapted_reference(reference: str) -> tuple[str, list[str]]:
+    """Split ``BASE+ADAPTER[+ADAPTER...]`` into its parts.
+
+    Paths may themselves contain '+': the split whose every part exists locally wins;
+    without one, each '+' separates parts (mergekit's rule, for Hub or zoo names).
+    """
+    parts = reference.split("+")
+    if any(not part.strip() for part in parts):
+        raise InputError(f"model reference '{reference}': empty part around '+'; write BASE+ADAPTER.")
+
+    def splits(start: int) -> Iterator[list[str]]:
+        if start == len(parts):
+            yield []
+            return
+        for end in range(start + 1, len(parts) + 1):
+            piece = "+".join(parts[start:end])
+            if Path(piece).expanduser().exists():
+                for rest in splits(end):
+                    yield [piece, *rest]
+
+    for pieces in splits(0):
+        if len(pieces) >= 2:
+            return pieces[0], pieces[1:]
+    return parts[0], parts[1:]
+
+
+def open_adapted_model(reference: str) -> AdaptedModel:
+    """Open ``BASE+ADAPTER[+ADAPTER...]`` as an ``AdaptedModel`` (every adapter with weight 1)."""
+    base_reference, adapter_references = split_adapted_reference(reference)
+    base = Checkpoint(base_reference)
+    adapters = [Adapter(item) for item in adapter_references]
+    return AdaptedModel(base, adapters, reference=reference)
+
+
+# ---------------------------------------------------------------------------------------
+# Writing adapter directories
+# ---------------------------------------------------------------------------------------
+
+
+def adapter_config(
+    *,
+    ranks: Mapping[str, int],
+    target_modules: str | list[str],
+    modules_to_save: Sequence[str] = (),
+    base_model_name_or_path: str | None = None,
+    fan_in_fan_out: bool = False,
+    template: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A PEFT LoRA ``adapter_config.json`` for factors whose ΔW needs no scaling (scaling 1).
+
+    ``ranks`` maps each module to its rank; r and lora_alpha are the most common rank,
+    and modules with another rank get equal ``rank_pattern`` and ``alpha_pattern``
+    entries (full module names, which match only themselves), so alpha / r = 1 everywhere.
+    ``template`` (an input adapter's config) supplies the remaining fields, as PEFT's
+    ``add_weighted_adapter`` does.
+    """
+    if not ranks:
+        raise ValueError("an adapter needs at least one module")
+    counts: dict[int, int] = {}
+    for rank in ranks.values():
+        counts[rank] = counts.get(rank, 0) + 1
+    r = max(counts, key=lambda rank: (counts[rank], rank))
+    pattern = {module: rank for module, rank in sorted(ranks.items()) if rank != r}
+    config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "inference_mode": True,
+        "bias": "none",
+        "lora_dropout": 0.0,
+    }
+    if template:
+        config.update({k: v for k, v in template.items() if k not in ("layers_to_transform", "layers_pattern")})
+    config.update(
+        {
+            "base_model_name_or_path": base_model_name_or_path,
+            "r": r,
+            "lora_alpha": r,
+            "rank_pattern": pattern,
+            "alpha_pattern": dict(pattern),
+            "use_rslora": False,
+            "use_dora": False,
+            "lora_bias": False,
+            "fan_in_fan_out": fan_in_fan_out,
+            "target_modules": target_modules,
+            "modules_to_save": list(modules_to_save) or None,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "exclude_modules": None,
+        }
+    )
+    return config
+
+
+def write_adapter_config(directory: Path, config: Mapping[str, Any]) -> None:
+    (Path(directory) / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def exact_target_modules(modules: Sequence[str]) -> str:
+    """A ``target_modules`` regular expression that matches exactly these module names."""
+    return "^(" + "|".join(re.escape(name) for name in sorted(modules)) + ")$"
