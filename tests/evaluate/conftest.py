@@ -141,6 +141,14 @@ def llama2_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def llama2_chat_tokenizer():
+    """The Llama-2-style tokenizer with the test chat template."""
+    tokenizer = llama2_style_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
 def scripted_model():
     """``scripted_model(tokenizer, prompt, completion)``: a model that completes ``prompt`` with exactly ``completion``."""
     def build(tokenizer, prompt: str, completion: str):

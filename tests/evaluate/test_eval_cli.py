@@ -17,20 +17,31 @@ def invoke(*args: str):
     return CliRunner().invoke(app, ["eval", *args])
 
 
-def test_eval_writes_results_and_compare_prints_a_table(tiny_dir, mmlu_files, tmp_path):
+def test_eval_writes_results_and_compare_prints_a_table(tiny_dir, tiny, mmlu_files, tmp_path):
+    from mergelab.evaluate import evaluate
+
     spec = f"choice:data={mmlu_files['test']},dev={mmlu_files['dev']}"
     first = invoke(str(tiny_dir), "--task", spec, "--num-fewshot", "1", "--batch-size", "8", "--seed", "4",
                    "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "a.json"))
     assert first.exit_code == 0, first.output
-    assert "acc = " in first.output and "95% CI" in first.output and "items/s" in first.output
     results = json.loads((tmp_path / "a.json").read_text())
     assert results["settings"]["num_fewshot"] == 1 and results["settings"]["seed"] == 4
     assert results["tasks"][spec]["info"]["num_fewshot"] == 1
+    acc = results["tasks"][spec]["metrics"]["acc"]
+    printed = (f"{spec}  acc = {acc['value']:.4f} ± {acc['stderr']:.4f}  "
+               f"95% CI [{acc['ci95'][0]:.4f}, {acc['ci95'][1]:.4f}]  (n=24)")
+    assert printed in first.output  # what is printed is what is written
+    model, tokenizer = tiny
+    in_memory = evaluate(model, tokenizer, [spec], num_fewshot=1, seed=4)["tasks"][spec]
+    assert results["tasks"][spec]["metrics"] == in_memory["metrics"]
     second = invoke(str(tiny_dir), "--task", spec, "--limit", "10", "--no-cache", "--out", str(tmp_path / "b.json"))
     assert second.exit_code == 0, second.output
     table = invoke("--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"))
     assert table.exit_code == 0, table.output
-    assert "acc_norm" in table.output and "significant" in table.output
+    b_acc = json.loads((tmp_path / "b.json").read_text())["tasks"][spec]["metrics"]["acc"]["value"]
+    [acc_line] = [line for line in table.output.splitlines() if line.startswith(spec) and "  acc  " in line]
+    assert f"{acc['value']:.4f}" in acc_line and f"{b_acc:.4f}" in acc_line
+    assert f"{b_acc - acc['value']:+.4f}" in acc_line and "unpaired stderr" in acc_line  # 10 vs 24 items: unpaired
 
 
 def test_scoring_given_humaneval_samples_without_a_model(tmp_path, jsonl):
@@ -52,6 +63,29 @@ def test_scoring_given_humaneval_samples_without_a_model(tmp_path, jsonl):
                     "--force")
     assert forced.exit_code == 0, forced.output
     assert json.loads((tmp_path / "r.json").read_text())["format"] == "mergelab.eval/1"
+
+
+def test_an_out_file_that_appears_during_the_run_is_not_replaced(tmp_path, jsonl, monkeypatch):
+    from mergelab import evaluate as evaluation
+    from mergelab.evaluate.tasks.humaneval import bundled_problems_path
+    import gzip
+
+    with gzip.open(bundled_problems_path(), "rt") as handle:
+        problem = json.loads(handle.readline())
+    samples = jsonl(tmp_path / "samples.jsonl", [{"task_id": problem["task_id"], "completion": problem["canonical_solution"]}])
+    out = tmp_path / "r.json"
+    real = evaluation.evaluate_directory
+
+    def someone_else_writes_the_file(*args, **kwargs):
+        results = real(*args, **kwargs)
+        out.write_text("written by another run")
+        return results
+
+    monkeypatch.setattr(evaluation, "evaluate_directory", someone_else_writes_the_file)
+    result = invoke("--task", "humaneval", "--samples", str(samples), "--limit", "1", "--out", str(out))
+    assert result.exit_code == 2 and "already exists; pass --force" in result.output
+    assert out.read_text() == "written by another run"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporary left behind
 
 
 def test_bad_input_exits_2_with_file_and_line(tiny_dir, tmp_path):

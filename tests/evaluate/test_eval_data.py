@@ -45,6 +45,36 @@ def test_jsonl_csv_parquet_and_mmlu_layouts_give_the_same_questions(tmp_path, js
     assert loaded_questions(f"choice:{tmp_path / 'q.csv.gz'}") == expected
 
 
+UNICODE_QUESTIONS = [
+    {"question": "Qu'est-ce qu'un café crème ?", "choices": ["«lait»", "水", "naïve – “quoted”", "🙂 emoji"],
+     "answer": 1, "subject": "élève"},
+    {"question": "Ποιο είναι;\nЧто это?", "choices": ["α", "β", "ж", "ß"], "answer": "D", "subject": "élève"},
+]
+UNICODE_EXPECTED = [(q["question"], tuple(q["choices"]), index, "élève")
+                    for q, index in zip(UNICODE_QUESTIONS, (1, 3))]
+
+
+def test_unicode_text_survives_every_text_format_with_or_without_a_byte_order_mark(tmp_path):
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["question", "A", "B", "C", "D", "answer", "subject"])
+    for q in UNICODE_QUESTIONS:
+        writer.writerow([q["question"], *q["choices"], q["answer"], q["subject"]])
+    csv_text = buffer.getvalue()
+    jsonl_text = "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in UNICODE_QUESTIONS)
+    for bom in (b"", b"\xef\xbb\xbf"):  # Excel and Notepad start UTF-8 files with a byte-order mark
+        tag = "bom" if bom else "plain"
+        files = {f"{tag}.csv": bom + csv_text.encode("utf-8"), f"{tag}.csv.gz": gzip.compress(bom + csv_text.encode("utf-8")),
+                 f"{tag}.jsonl": bom + jsonl_text.encode("utf-8"), f"{tag}.jsonl.gz": gzip.compress(bom + jsonl_text.encode("utf-8"))}
+        for name, data in files.items():
+            (tmp_path / name).write_bytes(data)
+            assert loaded_questions(f"choice:{tmp_path / name}") == UNICODE_EXPECTED, name
+            assert list(load_rows(tmp_path / name).rows[0].fields)[0] == "question", name
+
+
 def test_files_that_are_not_utf8_or_not_gzip_name_the_file(tmp_path):
     latin1 = "question,A,B,answer\ncaf\u00e9?,a,b,0\n".encode("latin-1")
     for name, data in (("bad.csv", latin1), ("bad.jsonl", b'{"text": "caf\xe9"}\n'), ("bad.json", b'[{"text": "caf\xe9"}]'),
@@ -57,7 +87,7 @@ def test_files_that_are_not_utf8_or_not_gzip_name_the_file(tmp_path):
         load_rows(tmp_path / "broken.jsonl.gz")
 
 
-def test_malformed_rows_name_the_file_and_line(tmp_path, jsonl):
+def test_malformed_rows_name_the_file_and_line(tmp_path, jsonl, monkeypatch):
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps(QUESTIONS[0]) + "\n\n{not json\n")
     with pytest.raises(InputError, match=r"broken.jsonl:3: not valid JSON"):
@@ -78,6 +108,16 @@ def test_malformed_rows_name_the_file_and_line(tmp_path, jsonl):
     bad_csv.write_text("question,A,B,answer\nq,a,b,0\nq,a,b,0,extra\n")
     with pytest.raises(InputError, match=r"bad.csv:3: this row has more values"):
         load_rows(bad_csv)
+    long_csv = tmp_path / "long.csv"
+    long_csv.write_text("text,id\nshort,0\n" + "word " * 40_000 + ",1\n")  # 200 000 characters in one field
+    assert len(load_rows(long_csv).rows[1]["text"]) == 200_000
+    monkeypatch.setattr(data_module, "CSV_FIELD_LIMIT", 100_000)
+    with pytest.raises(InputError, match=r"long.csv:3: not a readable CSV row \(field larger than field limit"):
+        load_rows(long_csv)
+    short_csv = tmp_path / "short.csv"
+    short_csv.write_text("question,A,B,answer\nq,a,b,0\nq,a\n")
+    with pytest.raises(InputError, match=r"short.csv:3: this row has fewer values than the header \(no 'B'\)"):
+        load_rows(short_csv)
     (tmp_path / "q.xlsx").write_text("x")
     with pytest.raises(InputError, match="unknown data format"):
         load_rows(tmp_path / "q.xlsx")

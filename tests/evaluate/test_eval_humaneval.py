@@ -102,11 +102,67 @@ def test_a_llama2_style_tokenizer_keeps_the_indentation_that_makes_code_pass(tmp
     assert task["metrics"]["pass@1"]["value"] == 1.0
 
 
-def test_options_that_cannot_give_a_meaningful_score_are_refused():
+def test_options_that_cannot_give_a_meaningful_score_are_refused(tmp_path, jsonl):
     from mergelab.errors import ConfigError
     from mergelab.evaluate import make_task
 
-    with pytest.raises(ConfigError, match="chat=true is not supported"):
-        make_task("humaneval:chat=true").load(limit=1)
+    samples = jsonl(tmp_path / "samples.jsonl", [{"task_id": "HumanEval/0", "completion": "    pass\n"}])
+    with pytest.raises(ConfigError, match="with samples=FILE nothing is generated"):
+        make_task(f"humaneval:chat=true,samples={samples}").load(limit=1)
     with pytest.raises(ConfigError, match=r"every k in \[5, 10\] exceeds n=2"):
         make_task("humaneval:n=2,k=5,10").load(limit=1)
+
+
+def test_samples_beyond_the_limit_are_ignored_and_missing_ones_are_named(tmp_path, jsonl):
+    problems = bundled(3)
+    rows = [{"task_id": p["task_id"], "completion": p["canonical_solution"]} for p in problems]
+    samples = jsonl(tmp_path / "samples.jsonl", rows)
+    spec = f"humaneval:samples={samples},k=1"
+    task = evaluate(None, None, [spec], limit=2)["tasks"][spec]
+    assert [item["task_id"] for item in task["items"]] == ["HumanEval/0", "HumanEval/1"]
+    assert task["metrics"]["pass@1"]["value"] == 1.0
+    with pytest.raises(InputError, match=r"no completion for 161 problem\(s\), first 'HumanEval/3'.*--limit"):
+        evaluate(None, None, [spec])  # no --limit: all 164 problems are scored, and 161 have no sample
+
+
+def test_chat_prompts_are_rendered_as_lm_evals_humaneval_instruct(tiny):
+    """The user turn, then the assistant turn prefilled with the function, left open: lm-eval's own rendering."""
+    from lm_eval.models.huggingface import HFLM
+
+    from mergelab.evaluate import Runner, make_task
+
+    model, tokenizer = tiny
+    problem = bundled(1)[0]
+    task = make_task("humaneval:chat=true")
+    task.load(limit=1)
+    params = task.generation_params()
+    assert params.chat and params.stop[-1] == "```"
+    request = task.request(task.problems[0], params, 0)
+    instruction = ("Write a solution to the following problem and make sure that it passes the tests:\n```python\n"
+                   f"{problem['prompt']}\n```\n")
+    prefill = f"Here is the completed function:\n```python\n{problem['prompt']}\n"
+    reference = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1).apply_chat_template(
+        [{"role": "user", "content": instruction}, {"role": "assistant", "content": prefill}],
+        add_generation_prompt=False)  # what lm-eval's fewshot_context does with a gen_prefix
+    assert reference.endswith(prefill) and "<|user|>" in reference
+    assert Runner(model, tokenizer).prompt_ids(request) == tokenizer.encode(reference, add_special_tokens=False)
+
+
+def test_chat_completions_continue_the_prefilled_function_and_pass(tmp_path, jsonl, llama2_chat_tokenizer,
+                                                                   scripted_model):
+    """The model writes the body and closes the code block; the body alone is appended to the raw prompt."""
+    from mergelab.evaluate.tasks.humaneval import CHAT_INSTRUCTION, CHAT_PREFILL
+
+    tokenizer = llama2_chat_tokenizer
+    prompt = 'def add(a, b):\n    """Add two numbers."""\n'
+    problems = jsonl(tmp_path / "add.jsonl", [{"task_id": "Add/0", "prompt": prompt, "entry_point": "add",
+                                               "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n"}])
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": CHAT_INSTRUCTION.format(prompt=prompt)},
+         {"role": "assistant", "content": CHAT_PREFILL.format(prompt=prompt)}], continue_final_message=True, tokenize=False)
+    model = scripted_model(tokenizer, rendered, "    return a + b\n```\n\nThis adds the numbers.")
+    spec = f"humaneval:data={problems},k=1,chat=true"
+    task = evaluate(model, tokenizer, [spec])["tasks"][spec]
+    assert task["items"][0]["output"][0]["completion"] == "    return a + b\n"
+    assert task["metrics"]["pass@1"]["value"] == 1.0
+    assert task["info"]["generation"]["chat"] is True

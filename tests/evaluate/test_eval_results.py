@@ -14,6 +14,7 @@ from mergelab.evaluate import (
     evaluate,
     evaluate_directory,
     fingerprint_directory,
+    fingerprint_module,
     format_comparison,
     read_results,
     write_results,
@@ -27,25 +28,51 @@ def choice_spec(mmlu_files):
     return f"choice:data={mmlu_files['test']}"
 
 
-def test_results_json_has_metrics_intervals_items_and_provenance(tiny_dir, choice_spec, tmp_path):
+def test_results_json_has_metrics_intervals_items_and_provenance(tiny_dir, tiny, choice_spec, mmlu_files, tmp_path):
+    import platform
+    from importlib import metadata
+
+    import torch
+
     results = evaluate_directory(str(tiny_dir), [choice_spec], cache=tmp_path / "cache", seed=3, batch_size=5)
     path = write_results(results, tmp_path / "results.json")
     saved = read_results(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "results.json"]  # no temporary left behind
-    assert saved["model"]["fingerprint"].startswith("sha256-index:") and saved["model"]["adapters"] == []
-    assert saved["model"]["content_fingerprint"].startswith("sha256:")  # a cache was used, so the weights were hashed
-    assert {"torch", "transformers", "mergelab", "python"} <= set(saved["versions"])
+    assert saved["model"]["fingerprint"] == fingerprint_directory(tiny_dir, content=False)
+    assert saved["model"]["content_fingerprint"] == fingerprint_directory(tiny_dir)  # a cache was used: weights hashed
+    assert saved["model"]["adapters"] == []
+    assert saved["versions"]["python"] == platform.python_version()
+    for package in ("torch", "transformers", "mergelab"):
+        assert saved["versions"][package] == metadata.version(package)
     assert saved["settings"]["seed"] == 3 and saved["settings"]["batch_size"] == 5
     assert saved["wall_seconds"] > 0 and saved["items_per_second"] > 0
     task = saved["tasks"][choice_spec]
+    assert task["items_per_second"] == pytest.approx(24 / task["wall_seconds"])
+    # Every item against an independent reference: one plain transformers forward pass per option.
+    model, tokenizer = tiny
+    rows = [json.loads(line) for line in mmlu_files["test"].read_text().splitlines()]
+    assert len(task["items"]) == len(rows) == 24
+    for item, row in zip(task["items"], rows):
+        context = (f"The following are multiple choice questions (with answers) about {row['subject']}.\n\n"
+                   + row["question"].strip() + "".join(f"\n{l}. {c}" for l, c in zip("ABCD", row["choices"]))
+                   + "\nAnswer:")
+        context_ids = tokenizer.encode(context)
+        expected = []
+        for letter in "ABCD":
+            ids = tokenizer.encode(context + " " + letter)
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+            expected.append(float(sum(logprobs[i - 1, ids[i]] for i in range(len(context_ids), len(ids)))))
+        assert item["output"]["loglikelihoods"] == pytest.approx(expected, abs=1e-4)
+        assert item["target"] == row["answer"]
+        assert item["scores"]["acc"] == float(max(range(4), key=lambda i: expected[i]) == row["answer"])
+    accs = [item["scores"]["acc"] for item in task["items"]]
     acc = task["metrics"]["acc"]
-    assert set(acc) == {"value", "stderr", "ci95", "n"} and acc["n"] == 24
+    assert acc["value"] == pytest.approx(sum(accs) / 24) and acc["n"] == 24
+    mean = sum(accs) / 24
+    assert acc["stderr"] == pytest.approx((sum((a - mean) ** 2 for a in accs) / 23) ** 0.5 / 24 ** 0.5)
     assert acc["ci95"][0] <= acc["value"] <= acc["ci95"][1]
-    assert task["items_per_second"] > 0 and task["wall_seconds"] > 0
-    item = task["items"][0]
-    assert {"input", "output", "scores", "target"} <= set(item)
-    assert len(item["output"]["loglikelihoods"]) == 4
-    assert "anatomy" in task["breakdown"]["subject"]
+    assert task["breakdown"]["subject"] == {"anatomy": task["metrics"]}  # one subject: its rows are all rows
 
 
 def test_warm_rerun_is_served_from_the_cache_without_loading_the_model(tiny_dir, choice_spec, tmp_path):
@@ -132,6 +159,29 @@ def test_evaluate_leaves_the_callers_random_state_alone(tiny, tmp_path, jsonl):
     assert torch.equal(torch.get_rng_state(), states[2])
 
 
+def test_results_do_not_depend_on_task_order_or_the_global_random_state(tiny, mmlu_files, tmp_path, jsonl):
+    import torch
+
+    model, tokenizer = tiny
+    data = jsonl(tmp_path / "qa.jsonl", [{"prompt": p, "answer": "x"} for p in ("hello", "model weight", "three")])
+    specs = [f"generate:data={data},max_new_tokens=5,temperature=0.9,stop=none", f"choice:data={mmlu_files['test']}",
+             f"generate:data={data},max_new_tokens=4,temperature=1.3,top_p=0.8,stop=none"]
+    torch.manual_seed(1)
+    forward = evaluate(model, tokenizer, specs, seed=7, limit=3)["tasks"]
+    torch.manual_seed(2)
+    torch.rand(1000)
+    backward = evaluate(model, tokenizer, specs[::-1], seed=7, limit=3)["tasks"]
+    alone = evaluate(model, tokenizer, specs[2:], seed=7, limit=3)["tasks"]
+    for spec in specs:
+        assert forward[spec]["items"] == backward[spec]["items"], spec
+        assert forward[spec]["metrics"] == backward[spec]["metrics"], spec
+    assert alone[specs[2]]["items"] == forward[specs[2]]["items"]
+    outputs = [item["output"] for item in forward[specs[0]]["items"]]
+    assert len(set(outputs)) > 1  # really sampled
+    other_seed = evaluate(model, tokenizer, specs[:1], seed=8, limit=3)["tasks"][specs[0]]
+    assert [item["output"] for item in other_seed["items"]] != outputs
+
+
 def test_a_reused_task_keeps_its_limit_and_says_so(tiny, mmlu_files):
     from mergelab.evaluate import make_task
 
@@ -164,7 +214,35 @@ def test_in_memory_evaluation_with_a_cache_hashes_the_weights(tiny, choice_spec,
     assert second["tasks"][choice_spec]["answers"]["cached"] == 0  # new weights never reuse stale answers
 
 
+def test_a_named_fingerprint_is_not_reused_across_dtypes_or_generation_configs(tiny, tmp_path, jsonl):
+    """The caller names the weights; dtype, EOS ids and the device still change answers, so they key the cache too."""
+    import copy
+
+    import torch
+
+    model, tokenizer = tiny
+    data = jsonl(tmp_path / "qa.jsonl", [{"prompt": "hello", "answer": "x"}, {"prompt": "model", "answer": "y"}])
+    spec = f"generate:data={data},max_new_tokens=3"
+    cache = ResultCache(tmp_path / "cache")
+    answers = lambda results: results["tasks"][spec]["answers"]
+    assert answers(evaluate(model, tokenizer, [spec], cache=cache, fingerprint="my-weights")) == {"cached": 0, "computed": 2}
+    assert answers(evaluate(model, tokenizer, [spec], cache=cache, fingerprint="my-weights")) == {"cached": 2, "computed": 0}
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    assert answers(evaluate(half, tokenizer, [spec], cache=cache, fingerprint="my-weights"))["cached"] == 0
+    other_eos = copy.deepcopy(model)
+    other_eos.generation_config.eos_token_id = [tokenizer.eos_token_id, 7]
+    assert answers(evaluate(other_eos, tokenizer, [spec], cache=cache, fingerprint="my-weights"))["cached"] == 0
+    uncached = evaluate(model, tokenizer, [spec])
+    assert uncached["model"]["content_fingerprint"] is None  # no cache: no weight hashed
+    assert uncached["model"]["fingerprint"] == fingerprint_module(model, tokenizer, content=False)
+
+
 def test_summaries():
+    import math
+    import random
+
+    import numpy as np
+
     values = [1, 0, 1, 1, 0, 1, 1, 1]
     summary = summarize_mean(values, seed=0)
     assert summary["value"] == 0.75 and summary["n"] == 8
@@ -173,6 +251,24 @@ def test_summaries():
     assert summarize_mean([1.0])["ci95"] is None
     ratio = summarize_ratio([2.0, 4.0], [1.0, 3.0])
     assert ratio["value"] == pytest.approx(1.5)
+    # With many items the bootstrap interval approaches the normal one, value ± 1.96 stderr (central limit theorem).
+    rng = random.Random(0)
+    many = [float(rng.random() < 0.3) for _ in range(2000)]
+    summary = summarize_mean(many, seed=1)
+    low, high = summary["ci95"]
+    assert low == pytest.approx(summary["value"] - 1.96 * summary["stderr"], abs=0.006)
+    assert high == pytest.approx(summary["value"] + 1.96 * summary["stderr"], abs=0.006)
+    # A ratio with unit denominators is a mean: the same value, interval and (bootstrap) stderr.
+    as_ratio = summarize_ratio(many, [1.0] * len(many), seed=1)
+    assert as_ratio["value"] == pytest.approx(summary["value"])
+    assert as_ratio["ci95"] == pytest.approx(summary["ci95"])
+    assert as_ratio["stderr"] == pytest.approx(summary["stderr"], rel=0.1)
+    # Perplexity: exp of the token-weighted mean NLL, and its interval is the exp of the NLL's.
+    nll, tokens = [rng.uniform(10, 40) for _ in range(50)], [rng.randint(5, 20) for _ in range(50)]
+    perplexity = summarize_ratio(nll, tokens, np.exp, seed=2)
+    per_token = summarize_ratio(nll, tokens, seed=2)
+    assert perplexity["value"] == pytest.approx(math.exp(sum(nll) / sum(tokens)))
+    assert perplexity["ci95"] == pytest.approx([math.exp(bound) for bound in per_token["ci95"]])
 
 
 def test_write_results_is_atomic_and_checks_the_directory(tmp_path):
@@ -184,6 +280,61 @@ def test_write_results_is_atomic_and_checks_the_directory(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
     with pytest.raises(ConfigError, match="does not exist"):
         write_results({}, tmp_path / "missing" / "r.json")
+
+
+def test_write_results_without_overwrite_never_replaces_a_file(tmp_path, monkeypatch):
+    from mergelab.evaluate import results as results_module
+
+    target = tmp_path / "r.json"
+    target.write_text("theirs")
+    with pytest.raises(ConfigError, match="already exists"):
+        write_results({"format": "x"}, target, overwrite=False)
+    assert target.read_text() == "theirs"
+    target.unlink()
+    real = results_module._jsonable
+
+    def another_process_writes_it_meanwhile(value):
+        target.write_text("theirs")
+        return real(value)
+
+    monkeypatch.setattr(results_module, "_jsonable", another_process_writes_it_meanwhile)
+    with pytest.raises(ConfigError, match="appeared while the evaluation ran"):
+        write_results({"format": "x"}, target, overwrite=False)
+    assert target.read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # no temporary left behind
+    monkeypatch.setattr(results_module, "_jsonable", real)
+    target.unlink()
+    write_results({"format": "x"}, target, overwrite=False)
+    assert json.loads(target.read_text()) == {"format": "x"}
+    write_results({"format": "y"}, target)  # overwrite=True replaces
+    assert json.loads(target.read_text()) == {"format": "y"}
+
+
+def synthetic_results(scores: list[float], inputs: list[str], stderr: float) -> dict:
+    mean = sum(scores) / len(scores)
+    return {"tasks": {"t": {"task": "choice", "metrics": {"acc": {"value": mean, "stderr": stderr, "ci95": None,
+                                                               "n": len(scores)}},
+                            "items": [{"input": i, "scores": {"acc": s}} for i, s in zip(inputs, scores)]}}}
+
+
+def test_compare_intervals_by_hand():
+    inputs = [f"q{i}" for i in range(10)]
+    a = synthetic_results([0.0] * 10, inputs, 0.1)
+    b = synthetic_results([1.0] * 10, inputs, 0.2)
+    [row] = compare_results(a, b)
+    # Paired: every item gains exactly 1, so every bootstrap replicate of the mean gain is 1.
+    assert (row["method"], row["diff"], row["diff_ci95"], row["significant"]) == ("paired bootstrap", 1.0, [1.0, 1.0], True)
+    shifted = synthetic_results([0.0] * 5 + [1.0] * 5, inputs, 0.1)
+    flipped = synthetic_results([1.0] * 5 + [0.0] * 5, inputs, 0.1)
+    [row] = compare_results(shifted, flipped)
+    assert row["diff"] == 0.0 and row["diff_ci95"][0] < 0 < row["diff_ci95"][1] and row["significant"] is False
+    # Different items: unpaired, B − A ± 1.96 √(se_A² + se_B²).
+    other = synthetic_results([1.0] * 10, [f"other{i}" for i in range(10)], 0.2)
+    [row] = compare_results(a, other)
+    spread = 1.96 * (0.1 ** 2 + 0.2 ** 2) ** 0.5
+    assert row["method"] == "unpaired stderr"
+    assert row["diff_ci95"] == pytest.approx([1.0 - spread, 1.0 + spread])
+    assert row["significant"] is True
 
 
 def test_compare_reports_differences_against_intervals(tiny_dir, choice_spec, tmp_path):

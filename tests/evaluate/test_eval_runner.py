@@ -116,7 +116,14 @@ def test_chat_template_is_applied_when_asked(tiny):
         [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}],
         add_generation_prompt=True, tokenize=False)
     assert expected.endswith("<|assistant|>\n")
-    assert runner.prompt_ids(request) == tokenizer.encode(expected, add_special_tokens=False)
+    ids = tokenizer.encode(expected, add_special_tokens=False)
+    assert runner.prompt_ids(request) == ids
+    params = GenerationParams(max_new_tokens=8, chat=True, system="be brief")
+    [output] = runner.generate([GenerationRequest("hi there", params)])
+    with torch.no_grad():
+        generated = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                   max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert output == tokenizer.decode(generated[0, len(ids):], skip_special_tokens=True)
 
 
 def test_chat_without_a_template_is_an_error(tiny):
@@ -213,6 +220,19 @@ def test_an_empty_prompt_is_conditioned_on_the_prefix_token(tiny):
     runner = Runner(model, no_bos)
     assert runner.prompt_ids(GenerationRequest("")) == [tokenizer.eos_token_id]
     assert runner.encode_pair("", "hello")[0] == [tokenizer.eos_token_id]
+
+
+def test_a_context_of_spaces_only_is_scored_after_the_prefix_token(tiny):
+    """Its spaces move to the continuation (lm-eval's rule), which leaves no context: BOS stands in, no empty row."""
+    model, tokenizer = tiny
+    requests = [(" ", "hello world"), ("   ", " model"), ("", "  hello world"), ("a b", " c")]
+    answers = Runner(model, tokenizer, batch_size=4).loglikelihood(requests)
+    for (context, continuation), (logprob, greedy) in zip(requests, answers):
+        if context.strip():
+            expected = naive_loglikelihood(model, tokenizer, context, continuation)
+        else:  # the same as an empty context with the spaces in front of the continuation
+            expected = naive_loglikelihood(model, tokenizer, "", context + continuation)
+        assert (logprob, greedy) == (pytest.approx(expected[0], abs=1e-4), expected[1])
 
 
 class OlderTransformersHead(torch.nn.Module):

@@ -453,3 +453,49 @@ def test_the_unprivileged_path_holds_too(tmp_path):
     assert report["nested"]["status"] == "failed" and "the covering mounts are locked" in report["nested"]["stderr"]
     # Two runs at the same time each get their own process budget, whatever else `nobody` runs.
     assert report["fork"]["stdout"] == report["fork_again"]["stdout"] == "7", (report["fork"], report["fork_again"])
+
+
+def test_every_mount_the_program_can_reach_is_nosuid_and_nodev(box):
+    """Device files work only through the four bind-mounted nodes; no mount honours setuid bits."""
+    outcome = box.run("print(open('/proc/self/mountinfo').read())")
+    assert outcome.passed, outcome.stderr
+    visible: dict[str, set[str]] = {}
+    for line in outcome.stdout.splitlines():
+        fields = line.split()
+        visible[fields[4]] = set(fields[5].split(","))  # a later mount on the same point covers the earlier one
+    assert visible, outcome.stdout
+    devices = {"/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"}
+    for point, options in visible.items():
+        assert "nosuid" in options, (point, options)
+        if point not in devices:
+            assert "nodev" in options, (point, options)
+        if point != "/tmp/work" and not point.startswith("/proc"):
+            assert "ro" in options, (point, options)
+    for place in ("/run", "/tmp", "/dev"):
+        assert place in visible, place  # covered by the sandbox's own tmpfs
+
+
+def test_without_permission_for_namespaces_nothing_runs_and_the_error_says_why(monkeypatch, tmp_path, jsonl):
+    """Where `unshare` is refused (no root, unprivileged user namespaces disabled), scoring stops with SandboxError."""
+    refusing = tmp_path / "unshare"
+    marker = tmp_path / "ran"
+    refusing.write_text(f"#!/bin/sh\necho ran > {marker}\necho 'unshare: unshare failed: Operation not permitted' >&2\n"
+                        "exit 1\n")
+    refusing.chmod(0o755)
+    monkeypatch.setattr(sandbox_module, "_checked", {})
+    original = Sandbox.__init__
+
+    def with_refusing_unshare(self, limits=Limits()):
+        original(self, limits)
+        self.unshare = str(refusing)
+
+    monkeypatch.setattr(Sandbox, "__init__", with_refusing_unshare)
+    with pytest.raises(SandboxError, match=r"Operation not permitted.*permission to create namespaces.*never run unsandboxed"):
+        Sandbox(FAST).run("open('/tmp/escaped', 'w')")
+    marker.unlink()
+    with gzip.open(bundled_problems_path(), "rt") as handle:
+        problem = json.loads(handle.readline())
+    samples = jsonl(tmp_path / "samples.jsonl", [{"task_id": problem["task_id"], "completion": problem["canonical_solution"]}])
+    with pytest.raises(SandboxError, match="permission to create namespaces"):  # not a pass@1 of 0
+        evaluate(None, None, [f"humaneval:samples={samples}"], limit=1)
+    assert not marker.exists()  # the probe failed once; nothing was attempted again, and no program ran anywhere

@@ -161,7 +161,8 @@ def fd_path(descriptor):
 
 def build_dev(devices):
     """A fresh /dev with only the harmless character devices (bind-mounted from the host's) and fd links."""
-    mount("sandbox-dev", "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "size=64k,mode=755")
+    # nodev on the tmpfs itself: the four device nodes are bind mounts of their own, which keep working.
+    mount("sandbox-dev", "/dev", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,mode=755")
     for name, descriptor in devices.items():
         target = "/dev/" + name
         os.close(os.open(target, os.O_WRONLY | os.O_CREAT, 0o666))

@@ -146,19 +146,27 @@ def evaluate(model: Any = None, tokenizer: Any = None, tasks: Sequence[TaskLike]
     current weights — e.g. just updated in place by ``LiveModelSink``). No cache by
     default, since in-place updates would make cached answers stale; pass ``cache=``
     (a directory or ResultCache) with ``fingerprint=`` naming the weights, or let the
-    fingerprint be computed by hashing every tensor (:func:`fingerprint_module`).
+    fingerprint be computed by hashing every tensor (:func:`fingerprint_module`). Cached
+    answers are keyed by that fingerprint together with the model's identity fingerprint
+    (config, generation config, tokenizer, tensor dtypes) and device type, so the same
+    named weights in another dtype, or with other EOS ids, do not share answers.
     ``model=None`` is allowed only for tasks that need no model (humaneval with samples).
     """
     started = time.perf_counter()
     store = ResultCache(cache) if isinstance(cache, (str, Path)) else cache
     runner = None
+    identity = None
     if model is not None:
         if tokenizer is None:
             raise ConfigError("evaluate(model, tokenizer, ...) needs the model's tokenizer too.")
+        # Cheap (no weight byte read): config, generation config, tokenizer, tensor names, shapes and dtypes.
+        identity = fingerprint_module(model, tokenizer, content=False)
         if store is not None and not fingerprint:
             fingerprint = fingerprint_module(model, tokenizer, content=True)
+        # A caller's fingerprint names the weights; the identity adds what else changes answers (dtype, EOS ids,
+        # tokenizer), and the runner adds the device type.
         runner = Runner(model, tokenizer, batch_size=batch_size, seed=seed, cache=store,
-                        fingerprint=fingerprint, max_length=max_length)
+                        fingerprint=f"{fingerprint}|{identity}" if store is not None else None, max_length=max_length)
     built = build_tasks(tasks, limit, num_fewshot)
     training = bool(getattr(model, "training", False))
     if model is not None:
@@ -172,7 +180,7 @@ def evaluate(model: Any = None, tokenizer: Any = None, tasks: Sequence[TaskLike]
     if model is not None:
         parameter = next(model.parameters())
         info.setdefault("name", getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__)
-        info.update({"class": type(model).__name__, "fingerprint": fingerprint_module(model, tokenizer, content=False),
+        info.update({"class": type(model).__name__, "fingerprint": identity,
                      "content_fingerprint": fingerprint if store is not None else None,
                      "parameters": sum(p.numel() for p in model.parameters()),
                      "dtype": str(parameter.dtype).replace("torch.", ""), "device": str(parameter.device)})

@@ -11,7 +11,8 @@ Source strings
 - a local path: ``.jsonl`` (one JSON object per line; blank lines skipped), ``.json``
   (a list of objects, or JSON lines), ``.csv`` (header row), ``.parquet``, ``.txt``
   (the whole file is one row with a ``text`` field); ``.gz`` variants of jsonl/json/csv/txt.
-  Text is UTF-8; a file that is not (or a broken ``.gz``) is an error naming the file.
+  Text is UTF-8 (a leading byte-order mark is dropped); a file that is not (or a broken
+  ``.gz``) is an error naming the file.
 - ``zoo:NAME:SPLIT`` (e.g. ``zoo:tiny/caesar3:test``): a dataset of the built-in zoo,
   resolved by a function registered with :func:`register_zoo_resolver`.
 - ``hf:ORG/NAME`` or ``ORG/NAME`` (when no such local path exists): a Hugging Face
@@ -36,6 +37,7 @@ from mergelab.errors import InputError
 
 ZOO_PREFIX = "zoo:"
 HF_PREFIX = "hf:"
+CSV_FIELD_LIMIT = 256 * 1024 * 1024  # characters in one CSV field
 
 # A zoo resolver maps (dataset name, split) to a local file; it raises InputError when unknown.
 ZooResolver = Callable[[str, str], Path]
@@ -138,10 +140,14 @@ def resolve_zoo(source: str) -> Path:
 # ---- local files ---------------------------------------------------------------------------
 @contextmanager
 def _open_text(path: Path, newline: Optional[str] = None) -> Iterator[TextIO]:
-    """The one way data files are opened: UTF-8 text, gunzipped for ``.gz``; decoding errors name the file."""
+    """The one way data files are opened: UTF-8 text, gunzipped for ``.gz``; decoding errors name the file.
+
+    A leading byte-order mark (as Excel and Notepad write UTF-8) is dropped, so it does not
+    end up in the first column's name or break the first JSON line.
+    """
     raw = gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
     try:
-        with io.TextIOWrapper(raw, encoding="utf-8", newline=newline) as handle:
+        with io.TextIOWrapper(raw, encoding="utf-8-sig", newline=newline) as handle:
             yield handle
     except UnicodeDecodeError as exc:
         raise InputError(
@@ -200,21 +206,29 @@ def _read_json(path: Path) -> list[Row]:
 
 def _read_csv(path: Path) -> list[Row]:
     rows = []
+    # A document for perplexity may be far longer than the csv module's default field limit (128 KiB).
+    previous_limit = csv.field_size_limit(CSV_FIELD_LIMIT)
     with _open_text(path, newline="") as handle:
         reader = csv.DictReader(handle)
-        if not reader.fieldnames:
-            raise InputError(f"{path}: empty CSV file; the first line must name the columns.")
-        for record in reader:
-            line = reader.line_num
-            if None in record:
-                raise InputError(
-                    f"{path}:{line}: this row has more values than the header has columns "
-                    f"({len(reader.fieldnames)}); quote values that contain commas."
-                )
-            missing = [name for name, value in record.items() if value is None]
-            if missing:
-                raise InputError(f"{path}:{line}: this row has fewer values than the header (no '{missing[0]}').")
-            rows.append(Row(dict(record), f"{path}:{line}", len(rows)))
+        try:
+            if not reader.fieldnames:
+                raise InputError(f"{path}: empty CSV file; the first line must name the columns.")
+            for record in reader:
+                line = reader.line_num
+                if None in record:
+                    raise InputError(
+                        f"{path}:{line}: this row has more values than the header has columns "
+                        f"({len(reader.fieldnames)}); quote values that contain commas."
+                    )
+                missing = [name for name, value in record.items() if value is None]
+                if missing:
+                    raise InputError(f"{path}:{line}: this row has fewer values than the header (no '{missing[0]}').")
+                rows.append(Row(dict(record), f"{path}:{line}", len(rows)))
+        except csv.Error as exc:  # e.g. a field over CSV_FIELD_LIMIT
+            # DictReader.line_num is updated only after a row parses; its inner reader's counts the failing line.
+            raise InputError(f"{path}:{reader.reader.line_num}: not a readable CSV row ({exc}).") from None
+        finally:
+            csv.field_size_limit(previous_limit)
     return rows
 
 

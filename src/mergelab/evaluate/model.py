@@ -183,12 +183,18 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Any:
 
 
 def _dtype_keyword() -> str:
-    """``from_pretrained``'s name for the weights dtype: ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
-    from importlib import metadata
+    """``from_pretrained``'s name for the weights dtype: ``dtype`` where transformers knows it, else ``torch_dtype``.
 
-    from packaging.version import Version
+    Detected from the installed code, not its version string (backports and development
+    builds carry numbers that say little): transformers renamed the argument in the same
+    change that gave ``PretrainedConfig.__init__`` a ``dtype`` parameter (4.56); before,
+    it took ``torch_dtype``, and ``from_pretrained`` ignores an argument it does not know.
+    """
+    import inspect
 
-    return "dtype" if Version(metadata.version("transformers")) >= Version("4.56") else "torch_dtype"
+    from transformers import PretrainedConfig
+
+    return "dtype" if "dtype" in inspect.signature(PretrainedConfig.__init__).parameters else "torch_dtype"
 
 
 def load_model(reference: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str]] = (),

@@ -95,13 +95,21 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def write_results(results: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write ``results`` as JSON to ``path`` atomically (temporary file in the same directory, then rename)."""
+def write_results(results: dict[str, Any], path: str | os.PathLike[str], overwrite: bool = True) -> Path:
+    """Write ``results`` as JSON to ``path`` atomically (temporary file in the same directory, then rename).
+
+    With ``overwrite=False`` an existing ``path`` is an error, checked at the moment the
+    file appears (a hard link, which fails if the name exists), so a file created while a
+    long evaluation ran is not replaced either.
+    """
+    from mergelab.errors import ConfigError
+
     destination = Path(path).expanduser()
     if not destination.parent.exists():
-        from mergelab.errors import ConfigError
-
         raise ConfigError(f"the directory of the results file '{destination}' does not exist; create it first.")
+    if not overwrite and destination.exists():
+        raise ConfigError(f"the results file '{destination}' already exists; pass --force (overwrite=True from Python) "
+                          "to replace it.")
     text = json.dumps(_jsonable(results), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
     try:
@@ -110,7 +118,21 @@ def write_results(results: dict[str, Any], path: str | os.PathLike[str]) -> Path
             out.flush()
             os.fsync(out.fileno())
         os.chmod(temporary, 0o644)
-        os.replace(temporary, destination)
+        if overwrite:
+            os.replace(temporary, destination)
+        else:
+            appeared = ConfigError(f"the results file '{destination}' appeared while the evaluation ran; it was left "
+                                   "alone. Pass --force (overwrite=True from Python) to replace it.")
+            try:
+                os.link(temporary, destination)
+            except FileExistsError:
+                raise appeared from None
+            except OSError:  # a file system without hard links: check, then rename (a window of microseconds)
+                if destination.exists():
+                    raise appeared from None
+                os.replace(temporary, destination)
+            else:
+                os.unlink(temporary)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise

