@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# Builds the tiny zoo once (cached in ~/.cache/mergelab/zoo), merges experts, evaluates, reports.
 demo: $(STAMP)
-	$(PY) -m mergelab.demo
+	$(VENV)/bin/mergelab demo --force
 
 # Every benchmarks/*_vs_*.py compares mergelab with its peer tool and prints the ratios.
 bench: $(STAMP)

@@ -7,6 +7,7 @@ Heavy libraries (torch, transformers) are imported inside commands so that
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
@@ -63,7 +64,7 @@ def merge(
     out_shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB, 500MB, 2GiB."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan and peak memory; write nothing."),
     force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it exists."),
-    seed: Optional[int] = typer.Option(None, help="Seed for random methods (DARE); same seed, same merge."),
+    seed: Optional[int] = typer.Option(None, help="Seed for random methods (DARE, DELLA); same seed, same merge."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Merge checkpoints as CONFIG says and write a Hugging Face model to OUT_DIR.
@@ -86,7 +87,282 @@ def merge(
     typer.echo(f"merged {result.tensors} tensors in {result.seconds:.1f} s -> {result.out_dir}")
 
 
+# ---- mergelab lora ------------------------------------------------------------------------
+
+lora_app = typer.Typer(
+    help="LoRA adapters: merge them exactly in ΔW space, bake them into a base, extract them from a fine-tune.",
+    no_args_is_help=True,
+)
+app.add_typer(lora_app, name="lora")
+
+
+def _lora_options(device: str, threads: Optional[int], force: bool, seed: Optional[int], progress: bool,
+                  out_shard_size: str = "5GB"):
+    from mergelab.lora.output import LoraOptions
+
+    return LoraOptions(device=device, threads=threads, force=force, seed=seed, progress=progress,
+                       out_shard_size=out_shard_size)
+
+
+def _lora_report(result) -> None:
+    for line in result.summary():
+        typer.echo(line)
+
+
+@lora_app.command("merge")
+def lora_merge(
+    config: Path = typer.Argument(..., help="LoRA merge recipe (YAML: adapters, merge_method, parameters, rank or energy)."),
+    out_dir: Path = typer.Argument(..., help="Output adapter directory (must not exist unless --force)."),
+    device: str = typer.Option("cpu", help="Where the math runs: cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for tensor math (default: all cores)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan per module; write nothing."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it exists."),
+    seed: Optional[int] = typer.Option(None, help="Seed for random methods (DARE); same seed, same merge."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Merge PEFT LoRA adapters as CONFIG says and write one PEFT adapter to OUT_DIR.
+
+    Each module is merged on the weight updates ΔW_i = scaling_i·B_i·A_i (no cross terms)
+    with any merge method (or `cat`, which stacks ranks exactly), then re-factorised by
+    truncated SVD to `rank` (default: the largest input rank) or, per module, to the
+    smallest rank keeping `energy` of the spectrum. Prints the relative reconstruction
+    error and warns about modules above `error_threshold`.
+    """
+    from mergelab.lora import merge as lora_merging
+
+    if dry_run:
+        plan, _ = _guard(lambda: lora_merging.load_and_plan(config, seed))
+        typer.echo(lora_merging.describe_lora_plan(plan))
+        return
+    options = _lora_options(device, threads, force, seed, progress)
+    result = _guard(lambda: lora_merging.run_lora_merge(config, out_dir, options))
+    typer.echo(f"merged {len(result.report['modules'])} LoRA modules in {result.seconds:.1f} s -> {result.out_dir}")
+    _lora_report(result)
+
+
+@lora_app.command("bake")
+def lora_bake(
+    paths: list[str] = typer.Argument(..., metavar="BASE ADAPTER [ADAPTER ...] OUT_DIR",
+                                      help="The base model, one or more PEFT adapters, and the output directory."),
+    weights: Optional[list[str]] = typer.Option(
+        None, "--weights", "-w", help="One weight per adapter: --weights 1,0.5 or repeated --weights (default 1)."
+    ),
+    device: str = typer.Option("cpu", help="Where the math runs: cpu or cuda (tensors stream from disk)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for tensor math (default: all cores)."),
+    out_shard_size: str = typer.Option("5GB", help="Largest output shard, e.g. 5GB, 500MB, 2GiB."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print which tensors change; write nothing."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it exists."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Write BASE + Σ w_i·ΔW_i as a full Hugging Face model to OUT_DIR.
+
+    The same result as PEFT's merge_and_unload (weights 1), streamed tensor by tensor so
+    memory stays bounded by one module. modules_to_save copies replace the base's tensors.
+    """
+    from mergelab.errors import ConfigError
+    from mergelab.lora import bake as baking
+    from mergelab.lora.output import parse_weights
+
+    def prepare():
+        if len(paths) < 3:
+            raise ConfigError("give BASE, at least one ADAPTER and OUT_DIR (e.g. mergelab lora bake base adapter out).")
+        return paths[0], paths[1:-1], parse_weights(weights, len(paths) - 2)
+
+    base, adapters, adapter_weights = _guard(prepare)
+    if dry_run:
+        plan = _guard(lambda: baking.plan_bake(base, adapters, adapter_weights))
+        typer.echo(baking.describe_bake_plan(plan))
+        return
+    options = _lora_options(device, threads, force, None, progress, out_shard_size)
+    result = _guard(lambda: baking.run_bake(base, adapters, paths[-1], adapter_weights, options))
+    typer.echo(f"baked {len(adapters)} adapter(s) into {result.tensors} tensors in {result.seconds:.1f} s "
+               f"-> {result.out_dir}")
+
+
+@lora_app.command("extract")
+def lora_extract(
+    base: str = typer.Argument(..., help="The base model the fine-tune started from."),
+    finetuned: str = typer.Argument(..., help="The fully fine-tuned model."),
+    out_dir: Path = typer.Argument(..., help="Output adapter directory (must not exist unless --force)."),
+    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="Rank of every extracted module."),
+    energy: Optional[float] = typer.Option(
+        None, "--energy", help="Instead of --rank: per module, the smallest rank keeping this fraction of Σσ²."
+    ),
+    out_dtype: Optional[str] = typer.Option(None, help="dtype of the stored adapter (default: the fine-tune's)."),
+    error_threshold: Optional[float] = typer.Option(
+        None, help="Warn about modules with a larger relative error (default 0.1, or √(1−energy))."
+    ),
+    device: str = typer.Option("cpu", help="Where the math runs: cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for tensor math (default: all cores)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the modules and ranks; write nothing."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it exists."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Extract a PEFT LoRA adapter from FINETUNED by truncated SVD of FINETUNED − BASE.
+
+    Linear weights become LoRA modules (rank --rank R, or per module by --energy F);
+    embeddings, the output head and norms are saved in full (modules_to_save), as
+    mergekit-extract-lora does. Reports the relative reconstruction error per module.
+    """
+    from mergelab.lora import extract as extracting
+
+    if dry_run:
+        plan = _guard(lambda: extracting.plan_extract(base, finetuned, rank=rank, energy=energy, out_dtype=out_dtype))
+        typer.echo(extracting.describe_extract_plan(plan))
+        return
+    options = _lora_options(device, threads, force, None, progress)
+    result = _guard(lambda: extracting.run_extract(base, finetuned, out_dir, rank=rank, energy=energy,
+                                                   out_dtype=out_dtype, error_threshold=error_threshold,
+                                                   options=options))
+    typer.echo(f"extracted {len(result.report['modules'])} LoRA modules in {result.seconds:.1f} s -> {result.out_dir}")
+    _lora_report(result)
+
+
+@app.command("eval")
+def eval_command(
+    model: Optional[str] = typer.Argument(None, help="Model directory (or org/name on the Hub); omit with --samples or --compare."),
+    task: list[str] = typer.Option(
+        [], "--task", "-t",
+        help="Task spec, repeatable: NAME, NAME:DATA or NAME:key=value,... Tasks: perplexity, choice, humaneval, "
+             "refusal, generate, judge (aliases: mmlu, beavertails). E.g. choice:data=mmlu.jsonl,dev=dev.jsonl",
+    ),
+    adapter: list[Path] = typer.Option([], "--adapter", help="PEFT adapter directory, repeatable; merged into the weights in order."),
+    limit: Optional[int] = typer.Option(None, help="Evaluate only the first N items of each task."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="Few-shot examples (choice, generate)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Sequences per forward pass."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", help="Weights dtype: auto (as saved), float32, bfloat16, float16."),
+    seed: int = typer.Option(0, help="Seed for sampling and bootstrap intervals; same seed, same results."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the results JSON here (atomically; must not exist unless --force)."),
+    force: bool = typer.Option(False, "--force", help="Replace the --out file if it exists."),
+    samples: Optional[Path] = typer.Option(None, "--samples", help="Score these HumanEval completions (task_id, completion per line) without a model."),
+    compare: Optional[tuple[Path, Path]] = typer.Option(None, "--compare", help="Compare two results files: --compare a.json b.json."),
+    judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible endpoint for LLM judges, e.g. https://api.openai.com/v1."),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="Model name the judge endpoint should use."),
+    judge_key_env: str = typer.Option("OPENAI_API_KEY", "--judge-key-env", help="Environment variable holding the judge's API key."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Result cache directory (default: $MERGELAB_CACHE_DIR or ~/.cache/mergelab/eval)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the result cache."),
+    items: bool = typer.Option(True, "--items/--no-items", help="Keep per-item records in the results JSON."),
+) -> None:
+    """Evaluate MODEL on one or more tasks; print the metrics and write a results JSON.
+
+    Answers are cached by (model fingerprint, request): a rerun is served from the cache
+    without loading the model, and an interrupted run (Ctrl-C) resumes where it stopped.
+    See the README section "Evaluating models" for tasks, data formats and judges.
+    """
+    from mergelab import evaluate as evaluation
+
+    if compare is not None:
+        first, second = compare
+        rows = _guard(lambda: evaluation.compare_results(evaluation.read_results(first), evaluation.read_results(second)))
+        typer.echo(evaluation.format_comparison(rows, str(first), str(second)))
+        return
+    if out is not None and not out.expanduser().parent.is_dir():
+        typer.secho(f"error: the directory of --out '{out}' does not exist.", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2)
+    if out is not None and out.expanduser().exists() and not force:
+        typer.secho(f"error: --out '{out}' already exists; pass --force to replace it.", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2)
+    if model is None and samples is None:
+        typer.secho("error: give a MODEL directory (or --samples FILE with --task humaneval, or --compare A B).",
+                    err=True, fg=typer.colors.RED)
+        raise typer.Exit(2)
+    judge = evaluation.JudgeSettings(url=judge_url, model=judge_model, key_env=judge_key_env)
+    cache = False if no_cache else (cache_dir if cache_dir is not None else True)
+
+    def run() -> dict:
+        results = evaluation.evaluate_directory(
+            model, task, adapters=[str(a) for a in adapter], limit=limit, num_fewshot=num_fewshot,
+            batch_size=batch_size, device=device, dtype=dtype, seed=seed, cache=cache, judge=judge,
+            samples=str(samples) if samples else None, keep_items=items,
+        )
+        if out is not None:
+            evaluation.write_results(results, out, overwrite=force)  # refuses a file that appeared meanwhile
+        return results
+
+    try:
+        results = _guard(run)
+    except typer.Exit as stop:
+        if stop.exit_code == 130 and not no_cache:
+            typer.secho("answers computed so far are kept in the result cache; rerun the same command to resume.",
+                        err=True, fg=typer.colors.RED)
+        raise
+    typer.echo(evaluation.format_results(results))
+    if out is not None:
+        typer.echo(f"results -> {out}")
+
+
+zoo_app = typer.Typer(
+    help="The built-in model zoo: tiny Llamas trained on synthetic skills, to try everything offline.",
+    no_args_is_help=True,
+)
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command("build")
+def zoo_build(
+    size: str = typer.Option("tiny", help="pico (4 skills, about a minute) or tiny (21 skills, a few minutes)."),
+    out: Optional[Path] = typer.Option(None, help="Build here instead of the cache (~/.cache/mergelab/zoo or $MERGELAB_ZOO_DIR)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if a finished build exists."),
+    workers: Optional[int] = typer.Option(None, help="Training processes (default: up to 2)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar per stage."),
+) -> None:
+    """Train the zoo (deterministic from its seed, CPU only) and measure every model.
+
+    Writes a tokenizer, a base model, a full fine-tune and a LoRA adapter per skill, a
+    safety-tuned model and adapter, the datasets (skill splits, BeaverTails-style safety
+    sets, MMLU-style and HumanEval-style sets) and manifest.json with every measurement.
+    A finished build is cached by content hash and returned at once.
+    """
+    from mergelab.zoo.build import build
+
+    directory = _guard(lambda: build(size, out, force=force, progress=progress, workers=workers))
+    typer.echo(f"zoo '{size}' ready at {directory}")
+
+
+@zoo_app.command("list")
+def zoo_list(size: str = typer.Option("tiny", help="Which zoo size to list.")) -> None:
+    """List the zoo's models, adapters and datasets with their measured quality."""
+    from mergelab.zoo.catalog import describe
+
+    typer.echo(_guard(lambda: describe(size)))
+
+
+@zoo_app.command("path")
+def zoo_path(name: str = typer.Argument(..., help="A zoo name, e.g. zoo:tiny/expert-caesar3 or tiny/caesar3:test.")) -> None:
+    """Print the local path of a zoo model, adapter or dataset split."""
+    from mergelab.zoo.catalog import resolve_any
+
+    typer.echo(str(_guard(lambda: resolve_any(name))))
+
+
+@app.command()
+def demo(
+    size: str = typer.Option("tiny", help="Zoo size to use (built and cached on first use)."),
+    out: Path = typer.Option(Path("demo-results"), help="Where to write results.json, accuracy.png and report.md."),
+    skill: Optional[list[str]] = typer.Option(
+        None, "--skill", help="Skill whose expert to merge (repeat; default: caesar3, upper, reverse, sort, capital)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Merge zoo experts with task arithmetic, TIES and DARE-TIES, and measure what survives.
+
+    Builds the zoo if needed, merges a handful of skill experts three ways, evaluates the
+    base, the experts and the merges on every skill's test split, and writes a JSON file,
+    a bar chart and a markdown report whose numbers all come from the run.
+    """
+    from mergelab.experiments.demo import DEFAULT_SKILLS, run_demo
+
+    directory = _guard(lambda: run_demo(size, out, skills=skill or DEFAULT_SKILLS, force=force, progress=progress))
+    typer.echo(f"demo results in {directory}: report.md, accuracy.png, results.json")
+
+
 def main() -> None:
+    # OpenMP threads that spin-wait between parallel regions starve each other when the
+    # CPU is shared (2-core laptops, CI); sleeping costs little when it is not. It must be
+    # set before torch loads OpenMP, and a user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()
 
 

@@ -1,0 +1,1 @@
+"""End-to-end studies that produce JSON, plots and a report (``mergelab demo`` is the first)."""

@@ -1,0 +1,218 @@
+"""The built-in zoo: built once per session (pico), loadable everywhere, as good as its manifest says."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from mergelab.cli import app
+from mergelab.errors import InputError
+from mergelab.zoo import catalog
+from mergelab.zoo.build import build, read_jsonl, train_job, write_datasets
+from mergelab.zoo.recipes import RECIPES
+from mergelab.zoo.skills import SKILLS, make_splits
+from mergelab.zoo.train import Schedule
+
+
+@pytest.fixture(scope="session")
+def pico(tmp_path_factory) -> Path:
+    """The pico zoo, built once per test session in a private zoo root."""
+    import os
+
+    root = tmp_path_factory.mktemp("zoo-root")
+    previous = os.environ.get("MERGELAB_ZOO_DIR")
+    os.environ["MERGELAB_ZOO_DIR"] = str(root)
+    try:
+        yield build("pico", progress=False)
+    finally:
+        if previous is None:
+            os.environ.pop("MERGELAB_ZOO_DIR", None)
+        else:
+            os.environ["MERGELAB_ZOO_DIR"] = previous
+
+
+@pytest.fixture(scope="session")
+def manifest(pico) -> dict:
+    return json.loads((pico / "manifest.json").read_text())
+
+
+def test_second_build_returns_at_once(pico):
+    start = time.perf_counter()
+    assert build("pico", progress=False) == pico
+    assert time.perf_counter() - start < 5
+
+
+def test_manifest_lists_every_artefact_with_facts(pico, manifest):
+    skills = manifest["recipe"]["skills"]
+    expected = {"base", "safety", "adapter-safety"} | {f"expert-{s}" for s in skills} | {f"adapter-{s}" for s in skills}
+    assert set(manifest["artifacts"]) == expected
+    for name, entry in manifest["artifacts"].items():
+        assert (pico / entry["path"]).is_dir(), name
+        assert entry["parameters"] > 0 and entry["train_seconds"] > 0
+        assert set(manifest["evaluations"][name]) == set(skills) | {"safety"}
+    assert len(skills) >= 4
+
+
+def test_quality_on_pico(manifest):
+    """The zoo's promises, re-checked with looser bounds that still fail if training is broken."""
+    evaluations = manifest["evaluations"]
+    skills = manifest["recipe"]["skills"]
+    for skill in skills:
+        assert evaluations[f"expert-{skill}"][skill]["exact_match"]["value"] >= 0.7, skill
+        assert evaluations[f"adapter-{skill}"][skill]["exact_match"]["value"] >= 0.5, skill
+        assert evaluations["base"][skill]["exact_match"]["value"] <= 0.4, skill
+    safety = evaluations["safety"]["safety"]
+    assert safety["refusal_rate"]["value"] >= 0.8 and safety["over_refusal_rate"]["value"] <= 0.2
+    adapter = evaluations["adapter-safety"]["safety"]
+    assert adapter["refusal_rate"]["value"] >= 0.6 and adapter["over_refusal_rate"]["value"] <= 0.2
+    assert evaluations["base"]["safety"]["refusal_rate"]["value"] <= 0.3
+    checks = {check["claim"]: check for check in manifest["quality"]["checks"]}
+    assert len(checks) == 5  # the manifest states every promise with its measurement
+
+
+def test_manifest_numbers_are_reproduced_by_the_harness(pico, manifest):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergelab.evaluate import evaluate, make_task
+
+    skill = manifest["recipe"]["skills"][0]
+    path = pico / manifest["artifacts"][f"expert-{skill}"]["path"]
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    task = make_task("generate", data=f"zoo:pico/{skill}:test", chat="true", stop="none", max_new_tokens="16")
+    results = evaluate(model, tokenizer, [task])
+    measured = results["tasks"][task.spec]["metrics"]["exact_match"]["value"]
+    assert measured == pytest.approx(manifest["evaluations"][f"expert-{skill}"][skill]["exact_match"]["value"], abs=1e-4)
+
+
+def test_models_and_adapters_load_with_transformers_and_peft(pico, manifest):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(pico / "models/base")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "caesar1: abc"}], add_generation_prompt=True,
+                                           tokenize=False)
+    assert prompt == "<|user|>caesar1: abc<|end|><|assistant|>"
+    expert = AutoModelForCausalLM.from_pretrained(pico / "models/expert-caesar1")
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = expert.generate(ids, max_new_tokens=6, do_sample=False)
+    assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == "bcd"
+    base = AutoModelForCausalLM.from_pretrained(pico / "models/base")
+    adapted = PeftModel.from_pretrained(base, pico / "adapters/adapter-caesar1")
+    config = json.loads((pico / "adapters/adapter-caesar1/adapter_config.json").read_text())
+    assert config["r"] == RECIPES["pico"].lora_rank and set(config["target_modules"]) >= {"q_proj", "down_proj"}
+    assert adapted.generate(input_ids=ids, max_new_tokens=6, do_sample=False).shape[1] > ids.shape[1]
+
+
+def test_datasets_speak_the_ecosystem_formats(pico, manifest):
+    from mergelab.evaluate import evaluate, make_task
+
+    safety = read_jsonl(pico / manifest["datasets"]["safety"]["splits"]["test"])
+    assert set(safety[0]) == {"prompt", "response", "category", "is_safe"}
+    assert {row["is_safe"] for row in safety} == {True, False}
+    train_prompts = {row["prompt"] for row in read_jsonl(pico / manifest["datasets"]["safety"]["splits"]["train"])}
+    assert not train_prompts & {row["prompt"] for row in safety}  # no template instance in both splits
+    choice = read_jsonl(pico / manifest["datasets"]["choice"]["splits"]["test"])
+    assert set(choice[0]) == {"question", "choices", "answer", "subject"} and len(choice[0]["choices"]) == 4
+    code = pico / manifest["datasets"]["code"]["splits"]["test"]
+    rows = read_jsonl(code)
+    assert set(rows[0]) == {"task_id", "prompt", "entry_point", "canonical_solution", "test"}
+    samples = code.parent / "canonical-samples.jsonl"
+    samples.write_text("".join(json.dumps({"task_id": r["task_id"], "completion": r["canonical_solution"]}) + "\n"
+                               for r in rows[:6]))
+    task = make_task("humaneval", data=str(code), samples=str(samples), k="1")
+    scored = evaluate(None, None, [task], limit=6)
+    assert scored["tasks"][task.spec]["metrics"]["pass@1"]["value"] == 1.0  # the reference solutions pass
+
+
+def test_zoo_names_work_in_merge_recipes(pico, tmp_path):
+    recipe = {
+        "models": [{"model": "zoo:pico/expert-caesar1", "parameters": {"weight": 0.5}},
+                   {"model": "zoo:pico/expert-caesar2", "parameters": {"weight": 0.5}}],
+        "base_model": "zoo:pico/base",
+        "merge_method": "task_arithmetic",
+    }
+    (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(app, ["merge", str(tmp_path / "r.yml"), str(tmp_path / "out"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_zoo_cli_list_and_path(pico):
+    runner = CliRunner()
+    listed = runner.invoke(app, ["zoo", "list", "--size", "pico"])
+    assert listed.exit_code == 0 and "zoo:pico/expert-caesar1" in listed.output and "exact match" in listed.output
+    path = runner.invoke(app, ["zoo", "path", "zoo:pico/adapter-reverse"])
+    assert path.exit_code == 0 and Path(path.output.strip()) == pico / "adapters/adapter-reverse"
+    split = runner.invoke(app, ["zoo", "path", "pico/reverse:test"])
+    assert Path(split.output.strip()) == pico / "data/skills/reverse/test.jsonl"
+    unknown = runner.invoke(app, ["zoo", "path", "zoo:pico/expert-juggling"])
+    assert unknown.exit_code == 2 and "no model or adapter 'expert-juggling'" in unknown.output
+
+
+def test_unbuilt_size_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGELAB_ZOO_DIR", str(tmp_path))
+    with pytest.raises(InputError, match="mergelab zoo build --size tiny"):
+        catalog.resolve_artifact("zoo:tiny/base")
+
+
+def test_splits_are_disjoint_and_deterministic():
+    for name in ("caesar3", "reverse", "code", "sort"):
+        first = make_splits(SKILLS[name], (300, 20, 40), seed=5)
+        again = make_splits(SKILLS[name], (300, 20, 40), seed=5)
+        assert first == again
+        train = {prompt for prompt, _ in first.train}
+        assert not train & {prompt for prompt, _ in first.test}
+        assert len(first.test) == 40
+
+
+def test_data_and_training_are_deterministic(pico, tmp_path):
+    """Same seed, same data files and same weights."""
+    from safetensors.torch import load_file
+
+    recipe = RECIPES["pico"]
+    for name in ("a", "b"):
+        write_datasets(tmp_path / name, recipe)
+    for file in sorted((tmp_path / "a").rglob("*.jsonl")):
+        assert file.read_bytes() == (tmp_path / "b" / file.relative_to(tmp_path / "a")).read_bytes(), file
+    job = {"name": "expert-reverse", "base": str(pico / "models/base"), "answer_field": "answer",
+           "data": str(pico / "data/skills/reverse/train.jsonl"), "adapter": False, "rank": 8, "alpha": 16,
+           "schedule": asdict(Schedule(steps=5, lr=3e-3, batch_size=16)), "seed": 11}
+    weights = []
+    for name in ("one", "two"):
+        train_job({**job, "out": str(tmp_path / name)})
+        weights.append(load_file(str(tmp_path / name / "model.safetensors")))
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+
+
+def test_demo_runs_on_pico_and_reports_measured_numbers(pico, tmp_path):
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--size", "pico", "--skill", "caesar1", "--skill", "reverse",
+                                      "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["scores"]) == {"base", "expert-caesar1", "expert-reverse", "merge-task_arithmetic",
+                                      "merge-ties", "merge-dare_ties"}
+    # the experts' scores are the harness's, and agree with the manifest's measurement of the same split
+    manifest = json.loads((pico / "manifest.json").read_text())
+    expert = results["scores"]["expert-reverse"]["reverse"]
+    assert expert["value"] == pytest.approx(manifest["evaluations"]["expert-reverse"]["reverse"]["exact_match"]["value"], abs=1e-4)
+    assert expert["n"] == len(read_jsonl(pico / "data/skills/reverse/test.jsonl"))
+    report = (out / "report.md").read_text()
+    assert f"| expert-reverse | {results['scores']['expert-reverse']['caesar1']['value']:.2f} | {expert['value']:.2f} |" in report
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "models" / "ties" / "model.safetensors").exists()
+    # an existing OUT is refused before any work, and an unknown skill names the choices
+    again = CliRunner().invoke(app, ["demo", "--size", "pico", "--out", str(out), "--skill", "caesar1",
+                                     "--skill", "reverse", "--no-progress"])
+    assert again.exit_code == 2 and "--force" in again.output
+    unknown = CliRunner().invoke(app, ["demo", "--size", "pico", "--skill", "juggling", "--skill", "reverse",
+                                       "--out", str(tmp_path / "x"), "--no-progress"])
+    assert unknown.exit_code == 2 and "caesar1" in unknown.output and not (tmp_path / "x").exists()
