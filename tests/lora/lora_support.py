@@ -13,8 +13,12 @@ ATTENTION_AND_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 SIZES = dict(hidden=64, layers=2, intermediate=128, heads=4, kv_heads=2)
 
 
-def make_adapter(base: Path, path: Path, seed: int, **config: Any) -> Path:
-    """Save a PEFT LoRA adapter of ``base`` with random (non-zero) A and B factors."""
+def make_adapter(base: Path, path: Path, seed: int, saved_noise: float = 0.0, **config: Any) -> Path:
+    """Save a PEFT LoRA adapter of ``base`` with random (non-zero) A and B factors.
+
+    ``saved_noise`` > 0 also moves the ``modules_to_save`` copies away from the base (by
+    Gaussian noise of that standard deviation), as training them would.
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -26,6 +30,8 @@ def make_adapter(base: Path, path: Path, seed: int, **config: Any) -> Path:
         for name, parameter in peft_model.named_parameters():
             if "lora_" in name:
                 parameter.normal_(0, 0.2)
+            elif "modules_to_save" in name and saved_noise:
+                parameter.add_(torch.randn_like(parameter) * saved_noise)
     peft_model.save_pretrained(str(path))
     return path
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from mergelab.cli import app
+from mergelab.methods import all_methods
 from mergelab.zoo.random_models import make_model
 
 
@@ -122,6 +123,18 @@ def test_lora_merge_refuses(loras, broken, tmp_path, case):
     args, message = merge_cases(loras, broken, tmp_path)[case]
     out = tmp_path / "out"
     assert_refused(run(["lora", "merge", *args, str(out)]), message, out)
+
+
+@pytest.mark.parametrize("method", [m.name for m in all_methods() if not m.task_vector])
+def test_lora_merge_refuses_methods_that_do_not_merge_task_vectors(tmp_path, method):
+    """Refused before any adapter is opened (the adapter here does not even exist), naming what is accepted."""
+    out = tmp_path / "out"
+    result = run(["lora", "merge", recipe(tmp_path, [str(tmp_path / "no-adapter")], merge_method=method), str(out)])
+    assert_refused(result, f"merge_method '{method}' does not merge task vectors", out)
+    accepted = result.output.split("Use one of:")[1]
+    for name in ["cat", "linear", "task_arithmetic", "ties", "dare_ties"]:
+        assert name in accepted
+    assert f" {method}," not in accepted and "does-not-exist" not in result.output
 
 
 def test_lora_merge_never_overwrites_without_force(loras, tmp_path):

@@ -1,7 +1,14 @@
 """What a tensor name means: layer index, module role, embedding or not, tied output head."""
 
 from mergelab.arch.embeddings import embedding_name, head_names, is_vocab_tensor, ties_embeddings
-from mergelab.arch.names import TensorName, layer_index, module_role, parse_name, with_layer_index
+from mergelab.arch.names import (
+    TensorName,
+    layer_index,
+    module_role,
+    parse_name,
+    stores_transposed,
+    with_layer_index,
+)
 
 __all__ = [
     "TensorName",
@@ -11,6 +18,7 @@ __all__ = [
     "layer_index",
     "module_role",
     "parse_name",
+    "stores_transposed",
     "ties_embeddings",
     "with_layer_index",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 # "model.layers.3.self_attn.q_proj.weight", "transformer.h.3.attn.c_attn.weight", ...
 _LAYER_RE = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|block|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
@@ -35,6 +36,12 @@ _ROLE_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("mlp_down", ("down_proj", "mlp.c_proj", "fc2", "w2")),
     ("norm", ("norm", "ln_", "layernorm")),
 )
+
+# GPT-2 and the models built like it use transformers' ``Conv1D`` for these modules, which
+# stores its weight as [in, out], the transpose of ``nn.Linear``'s [out, in]. The same names
+# in other families (GPT-BigCode's c_attn, c_proj, c_fc) are ``nn.Linear``: the model type decides.
+_CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer")
+_CONV1D_MODULES = ("c_attn", "q_attn", "c_proj", "c_fc")
 
 
 @dataclass(frozen=True)
@@ -81,3 +88,15 @@ def module_role(name: str) -> str:
 
 def parse_name(name: str) -> TensorName:
     return TensorName(name=name, layer=layer_index(name), role=module_role(name))
+
+
+def stores_transposed(name: str, config: Mapping[str, Any]) -> bool:
+    """Whether module (or weight) ``name`` of a model with ``config`` stores its weight as [in, out].
+
+    True for transformers' ``Conv1D`` layers (GPT-2 style: ``transformer.h.0.attn.c_attn``);
+    their update in PEFT is ΔW = (B·A)ᵀ, with ``fan_in_fan_out`` in the adapter config.
+    """
+    components = name.split(".")
+    if components[-1] in ("weight", "bias"):
+        components = components[:-1]
+    return config.get("model_type") in _CONV1D_MODEL_TYPES and components[-1] in _CONV1D_MODULES

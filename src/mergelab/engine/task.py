@@ -41,6 +41,20 @@ class TaskOutput:
 
 
 @dataclass(frozen=True)
+class CopyInput:
+    """An op that returns input ``index`` unchanged (tensors a plan copies, e.g. non-float buffers)."""
+
+    index: int = 0
+
+    def __call__(self, inputs: list[Any]) -> Any:
+        return inputs[self.index]
+
+    @property
+    def description(self) -> str:
+        return f"copy(input {self.index})"
+
+
+@dataclass(frozen=True)
 class TensorTask:
     """Make the tensors ``outputs`` as ``op([inputs...])``.
 

@@ -29,9 +29,9 @@ import math
 import os
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from mergelab.errors import InputError
 from mergelab.io.checkpoint import (
@@ -301,6 +301,26 @@ class Adapter:
             if match:
                 prefixes.add(match.group(1))
         return prefixes
+
+    def lay_out_like_base(self, stores_transposed: Callable[[str], bool], base_name: str) -> None:
+        """Decide per linear module whether ΔW is (B·A)ᵀ from how the base stores that weight.
+
+        ``stores_transposed(module)`` says whether the base keeps the module's weight as
+        [in, out] (transformers' Conv1D). PEFT decides the same way when it loads an adapter:
+        a Conv1D target gets ``fan_in_fan_out`` on and an ``nn.Linear`` gets it off, whatever
+        ``adapter_config.json`` says (with a warning); so do we.
+        """
+        for name, module in self.modules.items():
+            transposed = bool(stores_transposed(name))
+            if module.embedding or transposed == module.fan_in_fan_out:
+                continue
+            log.warning(
+                "adapter '%s': %s has fan_in_fan_out=%s, but base model '%s' stores the weight of '%s' as %s; "
+                "reading it with fan_in_fan_out=%s, as PEFT does",
+                self.reference, ADAPTER_CONFIG, module.fan_in_fan_out, base_name, name,
+                "[in, out] (Conv1D)" if transposed else "[out, in] (Linear)", transposed,
+            )
+            self.modules[name] = replace(module, fan_in_fan_out=transposed)
 
     def check_base(self, base_tensors: Mapping[str, TensorInfo], base_name: str) -> None:
         """Every module and full tensor of this adapter must exist in the base with the same shape."""

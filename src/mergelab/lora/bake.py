@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from mergelab.engine import TensorRef, TensorTask
+from mergelab.arch import stores_transposed
+from mergelab.engine import CopyInput, TensorRef, TensorTask
 from mergelab.errors import ConfigError
 from mergelab.io import Checkpoint, OutputTensor, open_model
 from mergelab.io.adapter import Adapter, TensorUpdate, plan_updates
 from mergelab.lora.output import BASE_SOURCE, adapter_source
-from mergelab.merge.plan import CopyInput
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ def plan_bake(base_reference: str, adapter_references: Sequence[str], weights: O
     base = open_model(base_reference)
     adapters = [Adapter(reference) for reference in adapter_references]
     for adapter in adapters:
+        adapter.lay_out_like_base(lambda module: stores_transposed(module, base.config), base_reference)
         adapter.check_base(base.tensors, base_reference)
     updates = plan_updates(adapters, weights)
     tasks = []

@@ -6,7 +6,7 @@ adapters:
     parameters: {weight: 1.0, density: 0.5}
   - adapter: ./adapters/code
     parameters: {weight: 0.7}
-merge_method: ties                    # any registered method, or cat
+merge_method: ties                    # a task-vector method of the registry, or cat
 parameters: {density: 0.5}            # shared; per-adapter values win
 rank: 16                              # output rank (default: the largest input rank)
 # energy: 0.95                        # or: per module, the smallest rank keeping 95% of Σσ²
@@ -50,6 +50,7 @@ CAT_METHOD = MergeMethod(
     paper=None,
     differs_from_mergekit=None,
     accepted_without_effect=(),
+    task_vector=True,
 )
 
 
@@ -154,16 +155,31 @@ def load_lora_config(path: Union[str, Path]) -> tuple[LoraMergeConfig, str]:
     return parse_lora_config(data, str(path)), text
 
 
-def lora_method(config: LoraMergeConfig) -> MergeMethod:
-    """The method the recipe names: ``cat`` or any registered merge method."""
+def lora_method(config: LoraMergeConfig, source: str = "<config>") -> MergeMethod:
+    """The method the recipe names: ``cat`` or a registered method that merges task vectors.
+
+    Adapters are merged on their updates ΔW_i with a zero base, which gives what the method
+    would give on the full weights only for methods declared ``task_vector``; the others
+    (slerp, karcher, ...) are refused here, before any adapter is opened.
+    """
     if config.merge_method == CAT:
         return CAT_METHOD
-    from mergelab.methods import get_method
+    from mergelab.methods import all_methods, get_method
 
+    accepted = ", ".join([CAT] + [m.name for m in all_methods() if m.task_vector])
     try:
-        return get_method(config.merge_method)
-    except ConfigError as exc:
-        raise ConfigError(f"{exc} For adapters, '{CAT}' is also available.") from None
+        method = get_method(config.merge_method)
+    except ConfigError:
+        raise ConfigError(f"{source}: unknown merge_method '{config.merge_method}'. For adapters use one of: "
+                          f"{accepted}.") from None
+    if not method.task_vector:
+        raise ConfigError(
+            f"{source}: merge_method '{method.name}' does not merge task vectors, so it cannot merge LoRA adapters "
+            f"(lora merge combines their updates ΔW_i with a zero base, which is meaningful only for methods that see "
+            f"models through their differences from the base). Use one of: {accepted}; or bake the adapters into "
+            f"full models with 'mergelab lora bake' and merge those with 'mergelab merge'."
+        )
+    return method
 
 
 def adapter_scopes(config: LoraMergeConfig, source: str) -> tuple[SettingScope, list[tuple[SettingScope, ...]]]:

@@ -8,6 +8,10 @@ embedding or the output head) becomes a LoRA module, B·A ≈ W_ft − W_base by
 the output head, norms and any other tensor are saved in full as ``modules_to_save``.
 Biases of LoRA modules are saved in full beside them (``<module>.base_layer.bias``), which
 PEFT loads into the base layer. Every module reports its relative reconstruction error.
+
+Modules that store their weight as [in, out] (transformers' Conv1D in GPT-2-style models,
+as ``mergelab.arch.stores_transposed`` knows them) are factorised as PEFT expects them:
+B·A ≈ (W_ft − W_base)ᵀ, with A [r, in], B [out, r], and ``fan_in_fan_out`` in the config.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from mergelab.arch import parse_name
-from mergelab.engine import TaskOutput, TensorRef, TensorTask
+from mergelab.arch import parse_name, stores_transposed
+from mergelab.engine import CopyInput, TaskOutput, TensorRef, TensorTask
 from mergelab.errors import ConfigError, InputError
 from mergelab.io import Checkpoint, OutputTensor, open_model
 from mergelab.io.adapter import PEFT_PREFIX, adapter_config, exact_target_modules, lora_tensor_names
@@ -33,7 +37,6 @@ from mergelab.lora.output import (
     reconstruction_report,
     write_adapter_files,
 )
-from mergelab.merge.plan import CopyInput
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +46,15 @@ _FULL_ROLES = ("embed", "lm_head", "position_embed")
 
 @dataclass(frozen=True)
 class ExtractOp:
-    """A TensorTask op: inputs (W_base, W_ft) → truncated SVD of W_ft − W_base → (A, B)."""
+    """A TensorTask op: inputs (W_base, W_ft) → truncated SVD of W_ft − W_base → (A, B).
+
+    ``transposed``: the weights are stored [in, out] (Conv1D), so the factors are those of
+    (W_ft − W_base)ᵀ, as PEFT lays them out for ``fan_in_fan_out`` modules.
+    """
 
     rank: int
     stored_dtype: str
+    transposed: bool = False
 
     def __call__(self, inputs: list[Any]) -> TaskOutput:
         import torch
@@ -54,7 +62,10 @@ class ExtractOp:
         from mergelab.lora.factor import truncated_factors
 
         base, finetuned = inputs
-        result = truncated_factors(finetuned - base, self.rank, getattr(torch, self.stored_dtype))
+        difference = finetuned - base
+        if self.transposed:
+            difference = difference.T
+        result = truncated_factors(difference, self.rank, getattr(torch, self.stored_dtype))
         return TaskOutput(
             (result.a, result.b),
             {
@@ -66,7 +77,7 @@ class ExtractOp:
 
     @property
     def description(self) -> str:
-        return f"rank-{self.rank} truncated SVD of (finetuned − base)"
+        return f"rank-{self.rank} truncated SVD of (finetuned − base){'ᵀ' if self.transposed else ''}"
 
 
 @dataclass(frozen=True)
@@ -92,12 +103,13 @@ class ExtractPlan:
     rank: Optional[int]
     energy: Optional[float]
     out_dtype: Optional[str]
-    modules: dict[str, tuple[int, int]]  # LoRA module -> weight shape [out, in]
+    modules: dict[str, tuple[int, int]]  # LoRA module -> shape of B·A, [out, in]
     ranks: dict[str, Optional[int]]
     full: list[tuple[str, str]]  # (fine-tune tensor name, adapter tensor name)
     modules_to_save: list[str]
     target_modules: Any
     error_threshold: Optional[float] = None
+    transposed: frozenset[str] = frozenset()  # modules whose weight is stored [in, out] (Conv1D)
 
     @property
     def sources(self) -> dict[str, Any]:
@@ -126,7 +138,8 @@ class ExtractPlan:
             a_name, b_name = lora_tensor_names(module, embedding=False)
             dtype = self._dtype(f"{module}.weight")
             outputs = (OutputTensor(a_name, (rank, cols), dtype), OutputTensor(b_name, (rows, rank), dtype))
-            tasks.append(TensorTask(outputs, self._refs(module), ExtractOp(rank, dtype), "float32"))
+            op = ExtractOp(rank, dtype, module in self.transposed)
+            tasks.append(TensorTask(outputs, self._refs(module), op, "float32"))
         for tensor, adapter_name in self.full:
             info = self.finetuned.info(tensor)
             dtype = self.out_dtype if self.out_dtype and info.is_floating_point else info.dtype
@@ -148,6 +161,7 @@ class ExtractPlan:
             target_modules=self.target_modules,
             modules_to_save=self.modules_to_save,
             base_model_name_or_path=self.base_reference,
+            fan_in_fan_out=bool(self.transposed),
         )
 
 
@@ -187,10 +201,16 @@ def plan_extract(base_reference: str, finetuned_reference: str, *, rank: Optiona
                 "first if the fine-tune added tokens)."
             )
     modules: dict[str, tuple[int, int]] = {}
+    transposed: set[str] = set()
     for name, info in finetuned.tensors.items():
         if (name.endswith(".weight") and len(info.shape) == 2 and info.is_floating_point
                 and parse_name(name).role not in _FULL_ROLES):
-            modules[name[: -len(".weight")]] = (info.shape[0], info.shape[1])
+            module = name[: -len(".weight")]
+            rows, cols = info.shape
+            if stores_transposed(module, base.config):
+                transposed.add(module)
+                rows, cols = cols, rows
+            modules[module] = (rows, cols)
     if not modules:
         raise InputError(f"'{finetuned_reference}' has no linear weights to extract LoRA modules from.")
     full: list[tuple[str, str]] = []
@@ -208,7 +228,7 @@ def plan_extract(base_reference: str, finetuned_reference: str, *, rank: Optiona
         base=base, finetuned=finetuned, base_reference=base_reference, rank=rank, energy=energy,
         out_dtype=out_dtype, modules=modules, ranks=ranks, full=full,
         modules_to_save=sorted(saved_modules), target_modules=_target_modules(modules, finetuned.tensors),
-        error_threshold=error_threshold,
+        error_threshold=error_threshold, transposed=frozenset(transposed),
     )
 
 
@@ -230,7 +250,8 @@ def describe_extract_plan(plan: ExtractPlan) -> str:
     lines.append("")
     for module, shape in plan.modules.items():
         rank = plan.ranks[module]
-        lines.append(f"{module}  {list(shape)} -> rank {'by energy' if rank is None else rank}")
+        layout = " (stored transposed: fan_in_fan_out)" if module in plan.transposed else ""
+        lines.append(f"{module}  {list(shape)}{layout} -> rank {'by energy' if rank is None else rank}")
     for tensor, adapter_name in plan.full:
         lines.append(f"{adapter_name}  (full copy of {tensor})")
     return "\n".join(lines)

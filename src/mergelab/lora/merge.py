@@ -3,15 +3,21 @@
     load_lora_config → plan_lora_merge → [spectrum pass] → engine.run(tasks, ShardedWriter)
 
 Every module is merged on its weight updates ΔW_i = scaling_i · B_i·A_i (exact: no
-B_i·A_j cross terms), with any registered method (task-vector methods see a zero base,
-so they merge the ΔW_i themselves), then re-factorised by truncated SVD to the output
-rank. ``cat`` instead stacks the scaled factors: exact, rank Σ r_i. One task per module:
+B_i·A_j cross terms), with any registered method declared ``task_vector`` (given a zero
+base, such a method merges the ΔW_i exactly as it would merge the full weights' task
+vectors; the others are refused), then re-factorised by truncated SVD to the output rank. ``cat`` instead stacks the scaled factors: exact, rank Σ r_i. One task per module:
 only that module's factors and updates are in memory while it is computed.
 
 An adapter that lacks a module contributes ΔW = 0 there (it does not change it).
-Tensors an adapter saves in full (``modules_to_save``) are merged as differences from
-the base when ``base_model`` is given; without it, a tensor saved by a single adapter is
-copied and one saved by several is an error.
+
+Tensors an adapter saves in full (``modules_to_save``) replace the base's. PEFT's
+``add_weighted_adapter`` refuses adapters that save the same module, and silently loses a
+module one adapter saves (the merged adapter gets a fresh copy of the base's module, or
+none when that adapter is not the first). Here a tensor saved by one adapter is copied
+into the output; one saved by several is merged as differences from the base,
+W + merge(S_i − W), when ``base_model`` is given, and refused without it (never one copy
+picked over the others). A module that is a LoRA module in one adapter and saved in full
+by another is refused: one adapter cannot hold both for a module.
 """
 
 from __future__ import annotations
@@ -21,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from mergelab.arch import layer_index
+from mergelab.arch import layer_index, stores_transposed
 from mergelab.config import resolve_tensor_params
-from mergelab.engine import TaskOutput, TensorRef, TensorTask
+from mergelab.engine import CopyInput, TaskOutput, TensorRef, TensorTask
 from mergelab.errors import ConfigError, InputError
 from mergelab.io import Checkpoint, OutputTensor, open_model
 from mergelab.io.adapter import (
@@ -53,8 +59,8 @@ from mergelab.lora.output import (
     reconstruction_report,
     write_adapter_files,
 )
-from mergelab.merge.plan import CopyInput, MethodCall, tensor_seed
 from mergelab.methods import MergeMethod
+from mergelab.methods.call import MethodCall, tensor_seed
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +170,32 @@ class CatOp:
     def description(self) -> str:
         terms = " | ".join(f"{w:g}·{s:.4g}·A" for w, s in self.participants)
         return f"cat: A = [{terms}], B = [B ...]"
+
+
+@dataclass(frozen=True)
+class EqualCopies:
+    """A TensorTask op for a non-float tensor several adapters save in full: the copies must agree.
+
+    Nothing can be averaged for integer or boolean tensors, so they pass only when equal.
+    """
+
+    tensor: str
+    owners: tuple[str, ...]  # the saving adapters' references, in input order
+
+    def __call__(self, inputs: list[Any]) -> Any:
+        import torch
+
+        for owner, copy in zip(self.owners[1:], inputs[1:]):
+            if not torch.equal(inputs[0], copy):
+                raise InputError(
+                    f"adapters '{self.owners[0]}' and '{owner}' save different values of the non-float tensor "
+                    f"'{self.tensor}' (modules_to_save), which cannot be merged; remove it from all adapters but one."
+                )
+        return inputs[0]
+
+    @property
+    def description(self) -> str:
+        return f"copy (equal in {len(self.owners)} adapters)"
 
 
 @dataclass(frozen=True)
@@ -318,7 +350,7 @@ class _Planner:
         self.config = config
         self.source = source
         self.seed = seed
-        self.method = lora_method(config)
+        self.method = lora_method(config, source)
         check_lora_parameters(config, self.method, source)
         count = len(config.adapters)
         method = self.method
@@ -332,8 +364,11 @@ class _Planner:
     def check_compatible(self) -> None:
         """Adapters must fit one architecture: same shapes and kinds per module, same block layout."""
         if self.base is not None:
+            base = self.base
             for adapter in self.adapters:
-                adapter.check_base(self.base.tensors, self.config.base_model or "")
+                adapter.lay_out_like_base(lambda module: stores_transposed(module, base.config),
+                                          self.config.base_model or "")
+                adapter.check_base(base.tensors, self.config.base_model or "")
         prefixes = [a.layer_prefixes() for a in self.adapters]
         for index, found in enumerate(prefixes[1:], start=1):
             if found and prefixes[0] and not found & prefixes[0]:
@@ -400,10 +435,9 @@ class _Planner:
 
     def method_call(self, tensor_name: str, params: dict[str, Any], method: MergeMethod) -> MethodCall:
         seed = tensor_seed(self.seed or 0, tensor_name) if method.random else None
-        frozen = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in params.items())
-        # In ΔW space the base is zero: every method that takes a base gets a zero one.
-        uses_base = getattr(method, "uses_base", method.needs_base)
-        return MethodCall(method.name, 0 if uses_base else None, frozen, seed)
+        # In ΔW space the base is zero: every method that takes a base (optional ones too, which then
+        # merge task vectors) gets a zero one.
+        return MethodCall.resolved(method.name, 0 if method.uses_base else None, params, seed)
 
     def plan(self) -> LoraMergePlan:
         self.check_compatible()
@@ -437,7 +471,7 @@ class _Planner:
             full_tasks=self.full_tensor_tasks(layers),
             modules_to_save=sorted({name for a in self.adapters for name in a.modules_to_save}),
             target_modules=self.target_modules([m.name for m in modules]),
-            fan_in_fan_out=any(a.fan_in_fan_out for a in self.adapters),
+            fan_in_fan_out=any(m.first.fan_in_fan_out for m in modules),
             seed=self.seed if self.method.random else None,
             calls=calls,
             cat_weights=cat_weights,
@@ -458,8 +492,29 @@ class _Planner:
                 return union
         return exact_target_modules(modules)
 
+    def check_saved_modules(self) -> None:
+        """No module may be a LoRA module in one adapter and a full copy (modules_to_save) in another."""
+        lora_owner: dict[str, Adapter] = {}
+        for adapter in self.adapters:
+            for module in adapter.modules:
+                lora_owner.setdefault(module, adapter)
+        for adapter in self.adapters:
+            for base_name, adapter_name in adapter.full_tensors.items():
+                module = base_name.rsplit(".", 1)[0]
+                # a LoRA module's own base layer (e.g. resized embeddings, biases) is saved beside it
+                if ".base_layer." in adapter_name or module not in lora_owner:
+                    continue
+                raise InputError(
+                    f"{self.source}: module '{module}' is a LoRA module in adapter '{lora_owner[module].reference}' "
+                    f"but adapter '{adapter.reference}' saves it in full (modules_to_save: '{base_name}'); a merged "
+                    f"adapter cannot hold both for one module. Bake the adapters into the base model with "
+                    f"'mergelab lora bake' (which applies both), or remove '{module}' from one of them."
+                )
+
     def full_tensor_tasks(self, layers: int) -> list[TensorTask]:
-        """Tensors adapters save in full (modules_to_save): merged as S_i − W against the base."""
+        """Tensors adapters save in full (modules_to_save): copied when one adapter saves them, merged
+        as S_i − W against the base when several do (refused without a base)."""
+        self.check_saved_modules()
         saved: dict[str, list[int]] = {}
         for index, adapter in enumerate(self.adapters):
             for base_name in adapter.full_tensors:
@@ -475,8 +530,10 @@ class _Planner:
                 if len(owners) > 1:
                     names = ", ".join(f"'{self.adapters[i].reference}'" for i in owners)
                     raise ConfigError(
-                        f"{self.source}: adapters {names} all save a full copy of '{base_name}' (modules_to_save); "
-                        "merging full copies needs the base model they differ from: add base_model: to the recipe."
+                        f"{self.source}: adapters {names} all save a full copy of '{base_name}' (modules_to_save "
+                        f"'{base_name.rsplit('.', 1)[0]}'), and mergelab will not pick one copy over the others. "
+                        "Add base_model: to the recipe to merge the copies as differences from it, "
+                        "W + merge(S_i − W), or remove the module from all adapters but one."
                     )
                 if self.config.adapters[owners[0]].parameters or self.config.parameters:
                     log.warning(
@@ -486,7 +543,8 @@ class _Planner:
                 tasks.append(TensorTask((OutputTensor(output_name, info.shape, out_dtype),), refs, CopyInput(0)))
                 continue
             if not info.is_floating_point:
-                tasks.append(TensorTask((OutputTensor(output_name, info.shape, out_dtype),), refs[:1], CopyInput(0)))
+                op: Any = EqualCopies(base_name, tuple(self.adapters[i].reference for i in owners))
+                tasks.append(TensorTask((OutputTensor(output_name, info.shape, out_dtype),), refs, op))
                 continue
             params = self.resolve(base_name, self.position(base_name, layers))
             method = self.method

@@ -13,11 +13,11 @@ from typing import Optional
 
 from mergelab.config import load_config
 from mergelab.merge.output import write_model_files
-from mergelab.merge.plan import MergePlan, MethodCall, plan_merge
+from mergelab.merge.plan import MergePlan, plan_merge
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MergeOptions", "MergePlan", "MergeResult", "MethodCall", "describe_plan", "load_and_plan", "plan_merge", "run_merge"]
+__all__ = ["MergeOptions", "MergePlan", "MergeResult", "describe_plan", "load_and_plan", "plan_merge", "run_merge"]
 
 
 @dataclass(frozen=True)

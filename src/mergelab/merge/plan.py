@@ -8,84 +8,20 @@ directories, missing or extra tensors, shape mismatches, layer ranges.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from mergelab.arch import embedding_name, head_names, is_vocab_tensor, parse_name, ties_embeddings, with_layer_index
 from mergelab.config import MergeConfig, SettingScope, check_parameters, resolve_tensor_params
-from mergelab.engine import TensorRef, TensorTask
+from mergelab.engine import CopyInput, TensorRef, TensorTask
 from mergelab.errors import ConfigError, InputError
 from mergelab.io import Checkpoint, OutputTensor, open_model
 from mergelab.merge.vocabulary import Vocabulary, plan_vocabulary
 from mergelab.methods import MergeMethod, get_method
+from mergelab.methods.call import MethodCall, tensor_seed
 
 log = logging.getLogger(__name__)
-
-
-def _freeze(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
-
-
-def tensor_seed(seed: int, tensor_name: str) -> int:
-    """A per-tensor seed, so random methods give the same result whatever the execution order."""
-    digest = hashlib.sha256(f"{seed}:{tensor_name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
-@dataclass(frozen=True)
-class MethodCall:
-    """A ``TensorTask`` op: run registered method ``method`` on the loaded inputs.
-
-    ``base_index`` is the position of the base model's tensor among the inputs (None when
-    the method has no base); ``params`` are fully resolved for this tensor.
-    """
-
-    method: str
-    base_index: Optional[int]
-    params: tuple[tuple[str, Any], ...]
-    seed: Optional[int] = None
-
-    def __call__(self, inputs: list[Any]) -> Any:
-        import torch
-
-        method = get_method(self.method)
-        params = {name: list(value) if isinstance(value, tuple) else value for name, value in self.params}
-        if method.random:
-            generator = torch.Generator(device=inputs[0].device)
-            generator.manual_seed(self.seed if self.seed is not None else 0)
-            params["generator"] = generator
-        base = inputs[self.base_index] if self.base_index is not None else None
-        others = [tensor for index, tensor in enumerate(inputs) if index != self.base_index]
-        return method(others, base=base, **params)
-
-    @property
-    def description(self) -> str:
-        shown = ", ".join(f"{name}={_fmt(value)}" for name, value in self.params)
-        return f"{self.method}({shown})"
-
-
-@dataclass(frozen=True)
-class CopyInput:
-    """A ``TensorTask`` op that copies input ``index`` (non-float buffers)."""
-
-    index: int = 0
-
-    def __call__(self, inputs: list[Any]) -> Any:
-        return inputs[self.index]
-
-    @property
-    def description(self) -> str:
-        return f"copy(input {self.index})"
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, tuple):
-        return "[" + ", ".join(_fmt(v) for v in value) + "]"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return repr(value) if isinstance(value, str) else str(value)
 
 
 @dataclass
@@ -293,9 +229,7 @@ class _Planner:
             self.method, output_name=output, t=t, shared_scopes=output_slice.shared_scopes, models=per_model
         )
         seed = tensor_seed(self.seed or 0, output) if self.method.random else None
-        op: Any = MethodCall(
-            self.method.name, base_index, tuple((k, _freeze(v)) for k, v in params.items()), seed
-        )
+        op: Any = MethodCall.resolved(self.method.name, base_index, params, seed)
         if vocabulary is not None:
             alignment_base = next((i for i, s in enumerate(sources) if s.model == output_slice.base), None)
             op = vocabulary.op(op, [s.model for s in sources], alignment_base)

@@ -1,6 +1,9 @@
 """Sign consensus for TIES-style merges, over a stack of weighted task vectors.
 
 Shapes: ``weighted`` is [N, *shape] with entries w_i·δ_i; ``sign`` is [*shape] of ±1.
+
+Both steps use only float arithmetic (sums, clamps, signs): comparisons that produce
+boolean tensors, ``where`` and boolean indexing cost several times more per entry.
 """
 
 from __future__ import annotations
@@ -9,9 +12,13 @@ import torch
 
 
 def majority_sign(weighted: torch.Tensor) -> torch.Tensor:
-    """s = sign(Σ_i w_i·δ_i), with 0 counted as +1 (TIES "elect"). Values ±1 in ``weighted``'s dtype."""
-    total = weighted.sum(dim=0)
-    return torch.where(total >= 0, 1.0, -1.0).to(weighted.dtype)
+    """s = sign(Σ_i w_i·δ_i), with 0 counted as +1 (TIES "elect"). Values ±1 in ``weighted``'s dtype.
+
+    A NaN sum gives −1 (it is not >= 0).
+    """
+    total = torch.nan_to_num(weighted.sum(dim=0), nan=-1.0)
+    total.add_(0.0)  # −0 → +0, so that copysign counts it as positive
+    return torch.copysign(torch.ones((), dtype=total.dtype, device=total.device), total)
 
 
 def agreement_mask(weighted_one: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
@@ -22,16 +29,25 @@ def agreement_mask(weighted_one: torch.Tensor, sign: torch.Tensor) -> torch.Tens
 def disjoint_merge_(weighted: torch.Tensor, weights: list[float], sign: torch.Tensor, normalize: bool) -> torch.Tensor:
     """Σ_i m_i·w_i·δ_i, divided (if ``normalize``) by Σ_i w_i·m_i where non-zero (TIES "disjoint merge").
 
-    In place: zeroes the disagreeing entries of ``weighted`` (the caller's scratch stack).
+    m_i = [sign(w_i·δ_i) = s]. Computed as s · Σ_i max(s·w_i·δ_i, 0): the agreeing terms
+    all have sign s, so this equals the masked sum bit for bit (rounding is symmetric),
+    and m_i = sign(max(s·w_i·δ_i, 0)) ∈ {0, 1}. In place: overwrites ``weighted``
+    (the caller's scratch stack).
     """
-    divisor = torch.zeros_like(sign) if normalize else None
-    for index, weight in enumerate(weights):
-        agree = agreement_mask(weighted[index], sign)
-        weighted[index].mul_(agree)
-        if divisor is not None:
-            divisor.add_(agree, alpha=weight)
-    mixed = weighted.sum(dim=0)
-    if divisor is not None:
-        divisor[divisor == 0] = 1
-        mixed /= divisor
-    return mixed
+    agreeing = weighted.mul_(sign).clamp_min_(0)  # |w_i·δ_i| where model i agrees, else 0
+    mixed = agreeing.sum(dim=0)
+    if normalize:
+        agree = agreeing.sign_()
+        if all(weight == 1.0 for weight in weights):
+            divisor = agree.sum(dim=0)  # small integers: exact in any order
+        else:
+            divisor = torch.zeros_like(mixed)
+            for index, weight in enumerate(weights):
+                divisor.add_(agree[index], alpha=weight)
+        if all(weight > 0 for weight in weights):
+            # a non-zero divisor is at least the smallest weight; a zero one goes with a zero sum
+            divisor.clamp_min_(min(weights))
+        else:
+            divisor.masked_fill_(divisor == 0, 1)
+        mixed.div_(divisor)
+    return mixed.mul_(sign)

@@ -35,9 +35,13 @@ is numerically equal to mergekit on the same inputs (tests/merge/test_merge_pari
 FOOTER = """
 ## Notes
 
-- **Base model.** *required*: the recipe must name a `base_model` (task-vector methods);
+- **Base model.** *required*: the recipe must name a `base_model`;
   *optional*: used when named (nuslerp, multislerp interpolate task vectors then);
   *input*: a `base_model` is merged as one more input (linear, karcher), as in mergekit.
+- **Task vectors.** Methods marked *task vectors* see the models only through their task
+  vectors (θ_base + g(δ_1, …, δ_n), or a linear combination when there is no base), so
+  they give the same result on weight updates with a zero base: `mergelab lora merge`
+  merges LoRA updates ΔW_i with these methods (and `cat`) and refuses the others.
 - **`rescale`** for DARE and DELLA: `true` (mergekit's default) scales the kept entries of
   each δ_i by one factor so that its L1 norm is unchanged; `exact` multiplies each kept
   entry by 1/p, its keep probability (1/density for DARE), as both papers do, which keeps
@@ -101,7 +105,8 @@ def _base(method: MergeMethod) -> str:
         count = f"≥ {low} {others}"
     else:
         count = f"{low}–{high} {others}"
-    return f"{role}; {count}"
+    vectors = "; task vectors" if method.task_vector else ""
+    return f"{role}; {count}{vectors}"
 
 
 def render(methods: list[MergeMethod] | None = None) -> str:

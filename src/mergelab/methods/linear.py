@@ -18,6 +18,7 @@ def _check_weights_sum(params: dict, where: str) -> None:
 
 @merge_method(
     "linear",
+    task_vector=True,
     params=(
         Param("weight", per_model=True, help="each model's coefficient"),
         Param("normalize", type=bool, default=True, help="divide by Σ weight"),

@@ -44,6 +44,7 @@ def interpolation_ratio(cosine: torch.Tensor, count: int) -> torch.Tensor:
 
 @merge_method(
     "model_stock",
+    task_vector=True,
     params=(Param("filter_wise", type=bool, default=False, help="one ratio per row instead of per tensor"),),
     min_models=2,
     paper="Model Stock: All we need is just a few fine-tuned models (Jang et al., 2024) https://arxiv.org/abs/2403.19522",

@@ -31,6 +31,7 @@ def multislerp_coefficients(products: torch.Tensor, weights: torch.Tensor, eps: 
 
 @merge_method(
     "multislerp",
+    task_vector=True,
     params=(
         Param("weight", per_model=True, help="each model's weight"),
         Param("normalize_weights", type=bool, default=True, help="divide the weights by their sum"),

@@ -10,6 +10,7 @@ from mergelab.methods.registry import Param, merge_method
 
 @merge_method(
     "nearswap",
+    task_vector=True,
     params=(Param("t", low=0.0, help="distance below which the other model's value is taken whole"),),
     min_models=1,
     max_models=1,

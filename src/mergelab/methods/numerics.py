@@ -1,20 +1,26 @@
 """Shared numerics for merge methods: working precision, chunked passes, Gram matrices.
 
 Whole-tensor temporaries are expensive on large tensors: every fresh allocation faults in
-new pages. Methods therefore walk tensors in chunks of ``CHUNK_ELEMENTS`` (the allocator
-reuses chunk-sized buffers), and methods that only need inner products of whole tensors
-(norms, cosines, angles) take them from one Gram matrix accumulated in float64, then
-combine the inputs once with the resulting coefficients.
+new pages. Methods therefore walk tensors in chunks of ``CHUNK_ELEMENTS``, in scratch
+buffers kept from one tensor to the next (:func:`workspace`), and methods that only need
+inner products of whole tensors (norms, cosines, angles) take them from one Gram matrix
+accumulated in float64, then combine the inputs once with the resulting coefficients.
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+import threading
+from typing import Callable, Iterator, Sequence
 
 import torch
 
-# About 1 MB of float32 per row: a chunk of every input stays in cache while it is combined.
-CHUNK_ELEMENTS = 1 << 18
+# About 4 MB of float32 per row: a chunk of every input stays in the L3 cache while it is
+# combined. Few, large operations matter because with 2+ intra-op threads and
+# OMP_WAIT_POLICY=PASSIVE (the CLI's default) every parallel operation first wakes the
+# sleeping workers, some 40 µs each: on 2^18-entry chunks that cost as much as the arithmetic.
+CHUNK_ELEMENTS = 1 << 20
+# Blocks of whole rows (for per-row work) hold about 1 MB of float32.
+ROW_BLOCK_ELEMENTS = 1 << 18
 
 
 def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -36,6 +42,61 @@ def flat_chunks(numel: int, size: int = CHUNK_ELEMENTS) -> Iterator[slice]:
 # Inner products of task vectors are summed over blocks of this many entries in float32
 # (as accurate as one float32 reduction of the whole tensor), then across blocks in float64.
 DOT_BLOCK = 4096
+# Gram sums run in float64 over groups of this many entries, then across groups in order: this
+# grouping is part of the result's rounding, so it stays fixed whatever the chunk size.
+GRAM_GROUP = 1 << 18
+
+
+_WORKSPACE = threading.local()
+
+
+def workspace(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat scratch buffer of ``numel`` entries, kept for this thread from one call to the next.
+
+    Every tensor of a merge runs the same chunked passes, and a fresh buffer of a few MB
+    faults its pages in again (about 1 ns per byte, as much as the arithmetic on them);
+    kept buffers grow to the largest chunk and stay. ``name`` identifies the user: one
+    buffer per name is live at a time, and its contents never leave the pass that wrote them.
+    """
+    buffers = _WORKSPACE.__dict__.setdefault("buffers", {})
+    key = (name, dtype, torch.device(device))
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
+
+
+def chunk_stack(
+    name: str, count: int, numel: int, dtype: torch.dtype, device: torch.device
+) -> Callable[[slice], torch.Tensor]:
+    """A [count, chunk] :func:`workspace` buffer: ``stack(part)`` is a contiguous [count, len(part)] view of it.
+
+    One buffer serves every chunk of a pass, and the last, shorter chunk is contiguous too,
+    so no operation copies it.
+    """
+    buffer = workspace(name, count * min(numel, CHUNK_ELEMENTS), dtype, device)
+    return lambda part: buffer[: count * (part.stop - part.start)].view(count, part.stop - part.start)
+
+
+def task_vector_chunks(
+    tensors: Sequence[torch.Tensor], origin: torch.Tensor, dtype: torch.dtype, name: str = "task vectors"
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(part, δ[:, part]) for δ_i = θ_i − ``origin`` flattened, a chunk at a time; δ[:, part] is [N, len(part)].
+
+    The stack, in ``dtype``, is the :func:`chunk_stack` named ``name``, overwritten by the next chunk.
+    Inputs in another dtype (half precision) are converted first and subtract in ``dtype``.
+    """
+    flats = [tensor.reshape(-1) for tensor in tensors]
+    start = origin.reshape(-1)
+    stack = chunk_stack(name, len(flats), start.numel(), dtype, start.device)
+    for part in flat_chunks(start.numel()):
+        deltas = stack(part)
+        for row, flat in zip(deltas, flats):
+            if flat.dtype == dtype:
+                torch.sub(flat[part], start[part], out=row)
+            else:
+                row.copy_(flat[part]).sub_(start[part])
+        yield part, deltas
 
 
 def gram(tensors: Sequence[torch.Tensor], origin: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,35 +116,31 @@ def gram(tensors: Sequence[torch.Tensor], origin: torch.Tensor | None = None) ->
     result = torch.zeros(count, count, dtype=torch.float64, device=device)
     if start is None:
         # float64 buffers reused for every chunk: copying into them converts without new allocations
-        buffer = torch.empty(count, min(numel, CHUNK_ELEMENTS), dtype=torch.float64, device=device)
+        stack = chunk_stack("gram", count, numel, torch.float64, device)
         for part in flat_chunks(numel):
-            block = buffer[:, : part.stop - part.start]
+            block = stack(part)
             for row, flat in zip(block, flats):
                 row.copy_(flat[part])
-            result += block @ block.T
+            for group in flat_chunks(block.shape[1], GRAM_GROUP):
+                piece = block[:, group]
+                result += piece @ piece.T
         return result
-    dtype = compute_dtype(flats[0])
-    buffer = torch.empty(count, min(numel, CHUNK_ELEMENTS), dtype=dtype, device=device)
-    for part in flat_chunks(numel):
-        block = buffer[:, : part.stop - part.start]
-        for row, flat in zip(block, flats):
-            if flat.dtype == dtype:
-                torch.sub(flat[part], start[part], out=row)
-            else:  # half precision: subtract in the buffer's precision
-                row.copy_(flat[part]).sub_(start[part])
+    for _, block in task_vector_chunks(flats, start, compute_dtype(flats[0]), "gram"):
         whole = (block.shape[1] // DOT_BLOCK) * DOT_BLOCK
         if whole:
             pieces = block[:, :whole].reshape(count, -1, DOT_BLOCK).transpose(0, 1)  # [blocks, N, 4096]
-            result += torch.bmm(pieces, pieces.transpose(1, 2)).sum(dim=0, dtype=torch.float64)
-        if whole < block.shape[1]:
+            products = torch.bmm(pieces, pieces.transpose(1, 2))
+            for group in flat_chunks(whole, GRAM_GROUP):
+                result += products[group.start // DOT_BLOCK : group.stop // DOT_BLOCK].sum(dim=0, dtype=torch.float64)
+        if whole < block.shape[1]:  # the tail of the last group
             rest = block[:, whole:].to(torch.float64)
             result += rest @ rest.T
     return result
 
 
 def row_blocks(rows: int, row_length: int) -> Iterator[slice]:
-    """Consecutive blocks of whole rows of about ``CHUNK_ELEMENTS`` entries each."""
-    return flat_chunks(rows, max(1, CHUNK_ELEMENTS // max(1, row_length)))
+    """Consecutive blocks of whole rows of about ``ROW_BLOCK_ELEMENTS`` entries each."""
+    return flat_chunks(rows, max(1, ROW_BLOCK_ELEMENTS // max(1, row_length)))
 
 
 def combine(tensors: Sequence[torch.Tensor], coefficients: Sequence[float], dtype: torch.dtype) -> torch.Tensor:

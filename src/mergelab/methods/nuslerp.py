@@ -103,6 +103,7 @@ def per_vector(t: float, start: torch.Tensor, end: torch.Tensor, origin: torch.T
 
 @merge_method(
     "nuslerp",
+    task_vector=True,
     params=(
         Param("weight", per_model=True, help="relative weight of each of the two models; t = w₂ / (w₁ + w₂)"),
         Param("nuslerp_row_wise", type=bool, default=False, help="interpolate vectors along dim 0 instead of rows"),

@@ -11,6 +11,13 @@ non-base inputs in config order; a per-model parameter arrives as a list aligned
 ``tensors``. Methods that sample receive ``generator`` (a seeded ``torch.Generator``).
 A method with ``optional_base`` uses the base when the recipe names one and receives
 ``base=None`` otherwise.
+
+A method declared ``task_vector`` combines task vectors: given a base, its result is
+θ_base + g(δ_1, …, δ_n) with δ_i = θ_i − θ_base (it sees the models only through their
+differences from the base); a method without a base qualifies when it is a linear
+combination of its inputs. Such a method can merge weight *updates* directly, with a
+zero base, and give what it would give on the full weights: ``mergelab lora merge``
+accepts only these (LoRA updates ΔW_i are task vectors).
 """
 
 from __future__ import annotations
@@ -131,6 +138,7 @@ class MergeMethod:
     accepted_without_effect: tuple[str, ...]
     check: Callable[[dict[str, Any], str], None] | None = field(default=None, compare=False)
     optional_base: bool = False
+    task_vector: bool = False  # merges task vectors δ_i (see the module docstring): usable on LoRA updates
 
     @property
     def uses_base(self) -> bool:
@@ -185,6 +193,7 @@ def merge_method(
     accepted_without_effect: tuple[str, ...] = (),
     check: Callable[[dict[str, Any], str], None] | None = None,
     optional_base: bool = False,
+    task_vector: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``function`` as merge method ``name`` (see module docstring for the contract)."""
 
@@ -204,6 +213,7 @@ def merge_method(
             accepted_without_effect=accepted_without_effect,
             check=check,
             optional_base=optional_base,
+            task_vector=task_vector,
         )
         return function
 

@@ -48,6 +48,7 @@ def energy_weights(energy: torch.Tensor) -> torch.Tensor:
 
 @merge_method(
     "sce",
+    task_vector=True,
     params=(
         Param("select_topk", default=1.0, low=0.0, high=1.0, help="fraction of entries kept, by variance across models"),
         Param("int8_mask", type=bool, default=False, help="accepted for compatibility; masks are always 1 byte"),

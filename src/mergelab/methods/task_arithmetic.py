@@ -26,13 +26,14 @@ import torch
 
 from mergelab.errors import ConfigError
 from mergelab.methods.consensus import disjoint_merge_, majority_sign
-from mergelab.methods.numerics import CHUNK_ELEMENTS
+from mergelab.methods.numerics import task_vector_chunks
 from mergelab.methods.registry import Param, merge_method
 from mergelab.methods.sparsify import (
+    MagnitudeCut,
     della_mask,
     exact_rescale_factor,
     l1_rescale_factor,
-    magnitude_mask,
+    magnitude_cut,
     outlier_mask,
     random_mask,
 )
@@ -70,13 +71,37 @@ EPSILON = Param("epsilon", default=0.15, per_model=True, low=0.0, help="spread o
 
 Rescale = Union[bool, str]  # False, True (L1, mergekit) or "exact" (1/p)
 Probability = Union[torch.Tensor, float]
-# keep_mask(δ_i, i) -> boolean mask of the entries of task vector i that survive, or
-# (mask, keep probability) for random sparsifiers (a float, or a tensor shaped like δ_i)
-KeepMask = Callable[[torch.Tensor, int], Union[torch.Tensor, tuple[torch.Tensor, Probability]]]
+# What survives of a task vector: a boolean mask shaped like δ_i, or a MagnitudeCut (top-k by |δ_i|)
+Keep = Union[torch.Tensor, MagnitudeCut]
+
+
+class TaskVector:
+    """δ_i = θ_i − θ_base of one model, as a sparsifier sees it.
+
+    ``delta`` is computed on first use, into a buffer shared by the models of one tensor;
+    sparsifiers that can work a chunk at a time from ``tensor`` and ``base`` (the top-k by
+    magnitude) never need it whole.
+    """
+
+    def __init__(self, tensor: torch.Tensor, base: torch.Tensor, buffer: Callable[[], torch.Tensor]):
+        self.tensor, self.base = tensor, base
+        self._buffer = buffer
+        self._delta: Optional[torch.Tensor] = None
+
+    @property
+    def delta(self) -> torch.Tensor:
+        if self._delta is None:
+            self._delta = torch.sub(self.tensor, self.base, out=self._buffer())
+        return self._delta
+
+
+# keep_mask(task vector i, i) -> what survives of it, or (mask, keep probability) for random
+# sparsifiers (a float, or a tensor shaped like δ_i)
+KeepMask = Callable[[TaskVector, int], Union[Keep, tuple[torch.Tensor, Probability]]]
 
 
 def rescale_factor(
-    delta: torch.Tensor, mask: torch.Tensor, probability: Optional[Probability], rescale: Rescale
+    task_vector: TaskVector, mask: Keep, probability: Optional[Probability], rescale: Rescale
 ) -> Probability:
     """The factor kept entries are multiplied by: 1, ‖δ‖₁/‖mask ⊙ δ‖₁ (``true``) or 1/p (``exact``)."""
     if rescale is False:
@@ -86,30 +111,46 @@ def rescale_factor(
             raise ValueError("rescale: exact needs a random sparsifier (DARE, DELLA)")
         factor = exact_rescale_factor(probability)
         return factor.reshape(-1) if isinstance(factor, torch.Tensor) else factor
-    return l1_rescale_factor(delta, mask)
+    delta = task_vector.delta
+    return l1_rescale_factor(delta, mask.mask(delta) if isinstance(mask, MagnitudeCut) else mask)
 
 
 def keep_masks(
     tensors: list[torch.Tensor], base: torch.Tensor, keep_mask: KeepMask, rescale: Rescale
-) -> tuple[list[torch.Tensor], list[Probability]]:
-    """Per task vector δ_i = θ_i − θ_base: its flattened keep mask and its rescale factor.
+) -> tuple[list[Keep], list[Probability]]:
+    """Per task vector δ_i = θ_i − θ_base: what survives of it (a flattened mask or a cut) and its rescale factor.
 
-    One δ buffer is reused across models; only the boolean masks (and, for DELLA with
-    ``rescale: exact``, the per-entry factors) are kept.
+    One δ buffer, allocated if a sparsifier asks for a whole δ, is reused across models;
+    only the boolean masks (and, for DELLA with ``rescale: exact``, the per-entry
+    factors) are kept.
     """
-    delta = torch.empty_like(base)
+    shared: list[torch.Tensor] = []
+
+    def buffer() -> torch.Tensor:
+        if not shared:
+            shared.append(torch.empty_like(base))
+        return shared[0]
+
     masks, factors = [], []
     for index, tensor in enumerate(tensors):
-        torch.sub(tensor, base, out=delta)
-        kept = keep_mask(delta, index)
+        task_vector = TaskVector(tensor, base, buffer)
+        kept = keep_mask(task_vector, index)
         mask, probability = kept if isinstance(kept, tuple) else (kept, None)
-        masks.append(mask.reshape(-1))
-        factors.append(rescale_factor(delta, mask, probability, rescale))
+        masks.append(mask if isinstance(mask, MagnitudeCut) else mask.reshape(-1))
+        factors.append(rescale_factor(task_vector, mask, probability, rescale))
     return masks, factors
 
 
-# The mixing runs over chunks of the flattened tensors (numerics.CHUNK_ELEMENTS): temporaries
-# stay small, in cache, and are reused by the allocator instead of faulting in fresh pages.
+def apply_keep_(delta: torch.Tensor, keep: Keep, part: slice) -> None:
+    """Zero in place the entries of ``delta`` (flat entries ``part`` of δ_i) that ``keep`` drops."""
+    if isinstance(keep, MagnitudeCut):
+        keep.apply_(delta, part.start)
+    else:
+        delta.mul_(keep[part])
+
+
+# The mixing runs over chunks of the flattened tensors (numerics.CHUNK_ELEMENTS) in one reused
+# stack of task vectors: temporaries stay small and in cache, and no fresh pages fault in.
 
 
 def combine_task_vectors(
@@ -127,22 +168,20 @@ def combine_task_vectors(
     if not tensors:
         return base
     masks, factors = keep_masks(tensors, base, keep_mask, rescale) if keep_mask else (None, None)
-    flats = [tensor.reshape(-1) for tensor in tensors]
     base_flat = base.reshape(-1)
     out = torch.empty_like(base_flat)
     divisor_all = sum(weight)
-    for start in range(0, base_flat.numel(), CHUNK_ELEMENTS):
-        end = start + CHUNK_ELEMENTS
-        chunk = torch.stack([flat[start:end] for flat in flats]).sub_(base_flat[start:end])  # δ_i
-        for index, value in enumerate(weight):
+    for part, chunk in task_vector_chunks(tensors, base, tensors[0].dtype):
+        for index, (delta, value) in enumerate(zip(chunk, weight)):
             if masks is not None:
-                chunk[index].mul_(masks[index][start:end])
+                apply_keep_(delta, masks[index], part)
                 factor = factors[index]
                 if isinstance(factor, torch.Tensor):
-                    chunk[index].mul_(factor[start:end] if factor.dim() else factor)
+                    delta.mul_(factor[part] if factor.dim() else factor)
                 elif factor != 1.0:
-                    chunk[index].mul_(factor)
-            chunk[index].mul_(value)
+                    delta.mul_(factor)
+            if value != 1.0:
+                delta.mul_(value)
         if consensus:
             mixed = disjoint_merge_(chunk, weight, majority_sign(chunk), normalize)
         else:
@@ -151,12 +190,13 @@ def combine_task_vectors(
                 mixed /= divisor_all
         if lambda_ != 1:
             mixed *= lambda_
-        torch.add(base_flat[start:end], mixed, out=out[start:end])
+        torch.add(base_flat[part], mixed, out=out[part])
     return out.view(base.shape)
 
 
 @merge_method(
     "task_arithmetic",
+    task_vector=True,
     params=(WEIGHT, normalize_param(False), LAMBDA),
     paper="Editing Models with Task Arithmetic (Ilharco et al., 2023) https://arxiv.org/abs/2212.04089",
     accepted_without_effect=("density", "int8_mask", "rescale"),
@@ -168,6 +208,7 @@ def task_arithmetic(tensors, base, *, weight, normalize=False, lambda_=1.0):
 
 @merge_method(
     "ties",
+    task_vector=True,
     params=(WEIGHT, DENSITY, normalize_param(True), rescale_param(False), LAMBDA, INT8_MASK),
     paper="TIES-Merging: Resolving Interference When Merging Models (Yadav et al., 2023) https://arxiv.org/abs/2306.01708",
     differs_from_mergekit=TIE_BREAK,
@@ -181,7 +222,7 @@ def ties(tensors, base, *, weight, density, normalize=True, rescale=False, lambd
         tensors,
         base,
         weight=weight,
-        keep_mask=lambda delta, i: magnitude_mask(delta, density[i]),
+        keep_mask=lambda task, i: magnitude_cut(task.tensor, density[i], base=task.base),
         rescale=rescale,
         consensus=True,
         normalize=normalize,
@@ -197,11 +238,12 @@ DARE_DIFFERS = (
 
 def dare_keep(density: list[float], generator: Optional[torch.Generator]) -> KeepMask:
     """DARE's sparsifier: keep each entry of δ_i with probability density_i."""
-    return lambda delta, i: (random_mask(delta, density[i], generator), density[i])
+    return lambda task, i: (random_mask(task.tensor, density[i], generator), density[i])
 
 
 @merge_method(
     "dare_ties",
+    task_vector=True,
     params=(WEIGHT, DENSITY, normalize_param(False), rescale_param(True, exact=True), LAMBDA, INT8_MASK),
     random=True,
     paper="Language Models are Super Mario: DARE (Yu et al., 2024) https://arxiv.org/abs/2311.03099",
@@ -229,6 +271,7 @@ def dare_ties(
 
 @merge_method(
     "dare_linear",
+    task_vector=True,
     params=(WEIGHT, DENSITY, normalize_param(False), rescale_param(True, exact=True), LAMBDA),
     random=True,
     paper="Language Models are Super Mario: DARE (Yu et al., 2024) https://arxiv.org/abs/2311.03099",
@@ -256,11 +299,12 @@ BREADCRUMBS_PAPER = "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sp
 
 
 def breadcrumbs_keep(density: list[float], gamma: list[float]) -> KeepMask:
-    return lambda delta, i: outlier_mask(delta, density[i], gamma[i])
+    return lambda task, i: outlier_mask(task.delta, density[i], gamma[i])
 
 
 @merge_method(
     "breadcrumbs",
+    task_vector=True,
     params=(WEIGHT, DENSITY, GAMMA, normalize_param(False), rescale_param(False), LAMBDA),
     paper=BREADCRUMBS_PAPER,
     differs_from_mergekit=TIE_BREAK,
@@ -286,6 +330,7 @@ def breadcrumbs(tensors, base, *, weight, density, gamma, normalize=False, resca
 
 @merge_method(
     "breadcrumbs_ties",
+    task_vector=True,
     params=(WEIGHT, DENSITY, GAMMA, normalize_param(False), rescale_param(False), LAMBDA, INT8_MASK),
     paper=BREADCRUMBS_PAPER,
     differs_from_mergekit=TIE_BREAK,
@@ -331,11 +376,12 @@ def della_keep(
     density: list[float], epsilon: list[float], generator: Optional[torch.Generator], rescale: Rescale
 ) -> KeepMask:
     exact = rescale == "exact"  # only the exact rescale needs the per-entry keep probabilities
-    return lambda delta, i: della_mask(delta, density[i], epsilon[i], generator, with_probabilities=exact)
+    return lambda task, i: della_mask(task.delta, density[i], epsilon[i], generator, with_probabilities=exact)
 
 
 @merge_method(
     "della",
+    task_vector=True,
     params=(WEIGHT, DENSITY, EPSILON, normalize_param(True), rescale_param(True, exact=True), LAMBDA, INT8_MASK),
     random=True,
     paper=DELLA_PAPER,
@@ -365,6 +411,7 @@ def della(
 
 @merge_method(
     "della_linear",
+    task_vector=True,
     params=(WEIGHT, DENSITY, EPSILON, normalize_param(False), rescale_param(True, exact=True), LAMBDA),
     random=True,
     paper=DELLA_PAPER,
@@ -390,6 +437,7 @@ def della_linear(
 
 @merge_method(
     "magnitude_prune",
+    task_vector=True,
     params=(WEIGHT, DENSITY, LAMBDA),
     paper="PEFT add_weighted_adapter combination_type='magnitude_prune' https://huggingface.co/docs/peft/developer_guides/model_merging",
     differs_from_mergekit="not a mergekit method: PEFT's combination type (k = int(density·N), may be 0)",
@@ -403,7 +451,7 @@ def magnitude_prune(tensors, base, *, weight, density, lambda_=1.0):
         tensors,
         base,
         weight=weight,
-        keep_mask=lambda delta, i: magnitude_mask(delta, density[i], at_least_one=False),
+        keep_mask=lambda task, i: magnitude_cut(task.tensor, density[i], at_least_one=False, base=task.base),
         consensus=False,
         normalize=False,
         lambda_=lambda_,
