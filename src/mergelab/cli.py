@@ -301,7 +301,7 @@ app.add_typer(zoo_app, name="zoo")
 
 @zoo_app.command("build")
 def zoo_build(
-    size: str = typer.Option("tiny", help="pico (4 skills, about a minute) or tiny (21 skills, a few minutes)."),
+    size: str = typer.Option("tiny", help="pico (4 skills, about a minute) or tiny (21 skills, about ten minutes on 2 cores)."),
     out: Optional[Path] = typer.Option(None, help="Build here instead of the cache (~/.cache/mergelab/zoo or $MERGELAB_ZOO_DIR)."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if a finished build exists."),
     workers: Optional[int] = typer.Option(None, help="Training processes (default: up to 2)."),

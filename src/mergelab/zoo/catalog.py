@@ -35,10 +35,10 @@ def content_hash(size: str) -> str:
     from mergelab.zoo.recipes import RECIPES
 
     digest = hashlib.sha256()
-    digest.update(repr(RECIPES[size]).encode())
+    digest.update(repr(RECIPES[size]).encode())  # every field of this size's recipe, not the other sizes'
     package = Path(__file__).parent
     for source in sorted(package.glob("*.py")):
-        if source.name not in ("catalog.py", "__init__.py", "random_models.py", "demo.py"):
+        if source.name not in ("catalog.py", "__init__.py", "random_models.py", "recipes.py"):
             digest.update(source.name.encode())
             digest.update(source.read_bytes())
     for name in ("torch", "transformers", "peft", "tokenizers"):

@@ -1,7 +1,7 @@
 """What each zoo size trains: architecture, skills, data sizes, schedules.
 
-``pico`` (4 skills, builds in under a minute) is what the test suite uses; ``tiny``
-(21 skills, a few minutes) is the default for the demo and experiments.
+``pico`` (4 skills, builds in about a minute) is what the test suite uses; ``tiny``
+(21 skills, about ten minutes on 2 cores) is the default for the demo and experiments.
 """
 
 from __future__ import annotations
