@@ -420,17 +420,30 @@ def test_the_unprivileged_path_holds_too(tmp_path):
     setpriv, unshare = shutil.which("setpriv"), shutil.which("unshare")
     if not setpriv or not unshare:
         pytest.skip("needs setpriv and unshare (util-linux) to start the harness as another user")
-    # `nobody` must reach the interpreter: a private mount namespace re-exposes it if it lives under /root (mode 700).
-    exposed = sorted({os.path.realpath(sys.base_prefix), sys.prefix})
+    # `nobody` must reach the interpreter, the venv and mergelab's source (an editable install). Where one lies
+    # below a directory others cannot enter (/root, a mode-700 temporary clone), a private mount namespace
+    # re-exposes it: bind it aside, cover that directory with an open tmpfs, move it back.
+    needed = sorted({os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix), sys.prefix,
+                     str(Path(sandbox_module.__file__).resolve().parents[2])})
+    needed = [path for path in needed if not any(Path(path).is_relative_to(other) for other in needed if other != path)]
+    blocked: dict[str, list[str]] = {}
+    for path in needed:
+        for ancestor in reversed(Path(path).parents):  # "/" first
+            if ancestor != Path("/") and not os.stat(ancestor).st_mode & stat.S_IXOTH:
+                blocked.setdefault(str(ancestor), []).append(path)
+                break
     steps = []
-    if any(path.startswith("/root/") for path in exposed):
-        for index, path in enumerate(p for p in exposed if p.startswith("/root/")):
+    index = 0
+    for top, paths in blocked.items():
+        moves = []
+        for path in paths:
             stage = tmp_path / f"stage{index}"
+            index += 1
             stage.mkdir()
             steps.append(f"mount --rbind {shlex.quote(path)} {stage}")
-        steps.append("mount -t tmpfs -o mode=755 mergelab-test /root")
-        for index, path in enumerate(p for p in exposed if p.startswith("/root/")):
-            steps.append(f"mkdir -p {shlex.quote(path)} && mount --move {tmp_path / f'stage{index}'} {shlex.quote(path)}")
+            moves.append(f"mkdir -p {shlex.quote(path)} && mount --move {stage} {shlex.quote(path)}")
+        steps.append(f"mount -t tmpfs -o mode=755 mergelab-test {shlex.quote(top)}")
+        steps.extend(moves)
     harness = (UNPRIVILEGED_HARNESS.replace("SANDBOX_DIR", repr(str(Path(sandbox_module.__file__).parent)))
                .replace("PROGRAMS", repr(UNPRIVILEGED_PROGRAMS)))
     steps.append(f"exec {setpriv} --reuid=65534 --regid=65534 --clear-groups -- {shlex.quote(sys.executable)} -c "
