@@ -16,7 +16,8 @@ import typer
 
 app = typer.Typer(
     name="mergelab",
-    help="Make better language models out of existing ones: merge checkpoints tensor by tensor.",
+    help="Make better language models out of existing ones: merge checkpoints tensor by tensor, merge and bake "
+    "LoRA adapters, evaluate honestly, and try it all offline on the built-in model zoo.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
