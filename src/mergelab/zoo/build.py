@@ -272,7 +272,13 @@ def _run_jobs(pool: Optional[ProcessPoolExecutor], jobs: list[dict], function: C
             results[job["name"]] = function(job)
             advance()
         return results
-    futures = [pool.submit(function, job) for job in jobs]
+    # Longest first (by training work, when the job trains), so the short jobs fill the gaps
+    # at the end instead of one long job running alone on one core.
+    def work(job: dict) -> float:
+        schedule = job.get("schedule")
+        return schedule["steps"] * schedule["batch_size"] if schedule else 0.0
+
+    futures = [pool.submit(function, job) for job in sorted(jobs, key=work, reverse=True)]
     for future in as_completed(futures):
         result = future.result()
         results[result["name"]] = result
