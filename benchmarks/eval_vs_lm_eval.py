@@ -44,9 +44,10 @@ import time
 import warnings
 from pathlib import Path
 
+from results_file import RESULTS, write_results  # benchmarks/ is on sys.path when a script runs
+
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache" / "eval"
-RESULTS = HERE / "RESULTS.md"
 MODEL_SIZES = dict(hidden=512, layers=4, intermediate=1376, heads=8, kv_heads=4, vocab=32000)
 TASK_YAML = """task: mergelab_bench_choice
 dataset_path: json
@@ -110,17 +111,6 @@ def lm_eval_version() -> str:
 
     return metadata.version("lm-eval")
 
-
-def write_results(section: str) -> None:
-    """Replace (or add) this benchmark's section of RESULTS.md, leaving other sections alone."""
-    start, end = "<!-- eval_vs_lm_eval:start -->", "<!-- eval_vs_lm_eval:end -->"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    block = f"{start}\n{section}\n{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    RESULTS.write_text(text)
 
 
 def main() -> int:

@@ -40,9 +40,10 @@ from pathlib import Path
 
 import yaml
 
+from results_file import RESULTS, write_results  # benchmarks/ is on sys.path when a script runs
+
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"
-RESULTS = HERE / "RESULTS.md"
 VENV_BIN = Path(sys.executable).parent
 SIZES = dict(hidden=768, layers=12, intermediate=2048, heads=12, kv_heads=12, vocab=32000)  # ~134M parameters
 ADAPTERS = 8
@@ -221,20 +222,9 @@ def main() -> None:
     ])
     print("\n" + section)
     if not args.no_write:
-        write_results(section)
+        write_results(section, "lora_vs_peft")
         print(f"\nwritten to {RESULTS}")
 
-
-def write_results(section: str) -> None:
-    """Replace (or add) this benchmark's section of RESULTS.md, leaving other sections alone."""
-    start, end = "<!-- lora_vs_peft:start -->", "<!-- lora_vs_peft:end -->"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    block = f"{start}\n{section}\n{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    RESULTS.write_text(text)
 
 
 if __name__ == "__main__":

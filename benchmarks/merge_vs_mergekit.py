@@ -31,9 +31,10 @@ from pathlib import Path
 
 import yaml
 
+from results_file import RESULTS, write_results  # benchmarks/ is on sys.path when a script runs
+
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / ".cache"
-RESULTS = HERE / "RESULTS.md"
 VENV_BIN = Path(sys.executable).parent
 # Both tools' OpenMP threads sleep instead of spinning when idle: on a shared machine spinning
 # threads steal cores from whichever process runs beside them.
@@ -248,17 +249,6 @@ def gpu_name() -> str:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return result.stdout.strip()
 
-
-def write_results(section: str, key: str = "merge_vs_mergekit") -> None:
-    """Replace (or add) this benchmark's section of RESULTS.md, leaving other sections alone."""
-    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    block = f"{start}\n{section}\n{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    RESULTS.write_text(text)
 
 
 def main() -> None:

@@ -110,12 +110,16 @@ class Collect:
     def __init__(self):
         self.tensors = {}
         self.closed = False
+        self.aborted = False
 
     def write(self, name, tensor):
         self.tensors[name] = tensor
 
     def close(self):
         self.closed = True
+
+    def abort(self):
+        self.aborted = True
 
 
 def test_multi_output_tasks_and_metrics():
@@ -136,7 +140,7 @@ def test_multi_output_tasks_and_metrics():
     assert sink.tensors["second"].dtype == torch.float16
     assert torch.equal(sink.tensors["second"], torch.tensor([6.0, 8.0, 10.0], dtype=torch.float16))
     assert stats.metrics["first"]["norm"] == pytest.approx(float(torch.arange(6.0).norm()))
-    assert sink.closed
+    assert sink.closed and not sink.aborted
 
 
 def test_non_finite_output_stops_the_run():
@@ -161,3 +165,19 @@ def test_live_model_sink_updates_a_module_in_place():
     assert torch.equal(module.weight.detach(), torch.ones(2, 3))
     assert torch.equal(module.bias.detach(), torch.tensor([1.0, -1.0]))
     assert module.weight.data_ptr() == weight_storage  # updated in place, no re-allocation
+
+
+def test_a_failed_run_aborts_the_sink_and_a_writer_leaves_no_open_files(tmp_path):
+    source = ListSource({"a": torch.ones(3)})
+    layout = (OutputTensor("x", (3,), "float32"), OutputTensor("y", (3,), "float32"))
+    tasks = [TensorTask((layout[0],), (TensorRef("src", "a"),), lambda t: t[0]),
+             TensorTask((layout[1],), (TensorRef("src", "a"),), lambda t: t[0] / 0)]
+    sink = Collect()
+    with pytest.raises(ComputeError):
+        engine.run(tasks, {"src": source}, sink, progress=False)
+    assert sink.aborted and not sink.closed
+    writer = ShardedWriter(tmp_path, layout)
+    with pytest.raises(ComputeError):
+        engine.run(tasks, {"src": source}, writer, progress=False)
+    assert writer._fds == []  # aborted: every shard descriptor closed, no index written
+    assert not (tmp_path / "model.safetensors.index.json").exists()

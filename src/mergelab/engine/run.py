@@ -31,6 +31,14 @@ class RunStats:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # task name -> its op's metrics
 
 
+def apply_threads(threads: int | None) -> None:
+    """Use ``threads`` torch threads for computing (None or 0: leave torch's default)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def resolve_device(device: str) -> Any:
     import torch
 
@@ -76,7 +84,8 @@ def run(
     progress: bool = True,
     description: str = "merging",
 ) -> RunStats:
-    """Execute ``tasks`` in order, streaming results into ``sink`` (closed on success)."""
+    """Execute ``tasks`` in order, streaming results into ``sink``: closed on success, aborted on
+    any failure (after the writer thread has stopped, so nothing writes into an aborted sink)."""
     import torch
 
     target = resolve_device(device)
@@ -87,6 +96,7 @@ def run(
     pending_loads: deque[Future] = deque()
     pending_write: Future | None = None
     bar = _progress(progress, description, len(tasks))
+    finished = False
     try:
         for index in range(min(prefetch, len(tasks))):
             pending_loads.append(reader.submit(_load, tasks[index], sources, target))
@@ -110,11 +120,14 @@ def run(
         if pending_write is not None:
             pending_write.result()
         sink.close()
+        finished = True
     finally:
         for future in pending_loads:
             future.cancel()
         reader.shutdown(wait=True, cancel_futures=True)
         writer.shutdown(wait=True, cancel_futures=True)
+        if not finished:
+            sink.abort()
         if bar is not None:
             bar[0].stop()
     stats.seconds = time.perf_counter() - start

@@ -64,7 +64,9 @@ class OutputTensor:
 class TensorSink(Protocol):
     def write(self, name: str, tensor: Any) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self) -> None: ...  # every planned tensor was written: finish the output
+
+    def abort(self) -> None: ...  # the run failed: release what the sink holds, finish nothing
 
 
 def _tensor_bytes(tensor: Any) -> memoryview:
@@ -214,6 +216,9 @@ class LiveModelSink:
 
     def close(self) -> None:
         pass
+
+    def abort(self) -> None:
+        pass  # tensors already copied stay in the module: the caller decides whether to keep it
 
 
 class OutputDirectory:

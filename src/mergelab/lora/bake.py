@@ -123,22 +123,18 @@ def run_bake(base_reference: str, adapter_references: Sequence[str], out_dir: st
     """Write base + Σ w_i ΔW_i to ``out_dir`` (a Hugging Face model directory)."""
     from mergelab import engine
     from mergelab.io import OutputDirectory, ShardedWriter, parse_size
-    from mergelab.lora.output import LoraOptions, LoraResult, apply_threads
+    from mergelab.lora.output import LoraOptions, LoraResult
 
     options = options or LoraOptions()
     shard_bytes = parse_size(options.out_shard_size)
     output = OutputDirectory(out_dir, force=options.force)
     plan = plan_bake(base_reference, adapter_references, weights)
     engine.resolve_device(options.device)
-    apply_threads(options.threads)
+    engine.apply_threads(options.threads)
     with output as temporary:
         writer = ShardedWriter(temporary, plan.layout, shard_bytes)
-        try:
-            stats = engine.run(plan.tasks, plan.sources, writer, device=options.device, prefetch=options.prefetch,
-                               progress=options.progress, description="baking")
-        except BaseException:
-            writer.abort()
-            raise
+        stats = engine.run(plan.tasks, plan.sources, writer, device=options.device, prefetch=options.prefetch,
+                           progress=options.progress, description="baking")
         (temporary / "config.json").write_text(json.dumps(plan.base.config, indent=2, sort_keys=True) + "\n")
         for path in plan.base.tokenizer_files:
             shutil.copy2(path, temporary / path.name)

@@ -30,7 +30,6 @@ from mergelab.lora.config import default_error_threshold
 from mergelab.lora.output import (
     ADAPTER_SHARD_BYTES,
     BASE_SOURCE,
-    apply_threads,
     CollectingSink,
     LoraOptions,
     LoraResult,
@@ -66,14 +65,7 @@ class ExtractOp:
         if self.transposed:
             difference = difference.T
         result = truncated_factors(difference, self.rank, getattr(torch, self.stored_dtype))
-        return TaskOutput(
-            (result.a, result.b),
-            {
-                "relative_error": result.relative_error,
-                "residual_energy": result.residual_energy,
-                "total_energy": result.total_energy,
-            },
-        )
+        return result.task_output()
 
     @property
     def description(self) -> str:
@@ -271,7 +263,7 @@ def run_extract(base_reference: str, finetuned_reference: str, out_dir: str | Pa
     plan = plan_extract(base_reference, finetuned_reference, rank=rank, energy=energy, out_dtype=out_dtype,
                         error_threshold=error_threshold)
     engine.resolve_device(options.device)
-    apply_threads(options.threads)
+    engine.apply_threads(options.threads)
     seconds = 0.0
     if energy is not None:
         spectra = CollectingSink()
@@ -281,12 +273,8 @@ def run_extract(base_reference: str, finetuned_reference: str, out_dir: str | Pa
         plan.ranks = {module: rank_for_energy(spectra.tensors[module], energy) for module in plan.modules}
     with output as temporary:
         writer = ShardedWriter(temporary, plan.layout, ADAPTER_SHARD_BYTES, file_name=ADAPTER_WEIGHTS)
-        try:
-            stats = engine.run(plan.tasks, plan.sources, writer, device=options.device, prefetch=options.prefetch,
-                               progress=options.progress, description="extracting")
-        except BaseException:
-            writer.abort()
-            raise
+        stats = engine.run(plan.tasks, plan.sources, writer, device=options.device, prefetch=options.prefetch,
+                           progress=options.progress, description="extracting")
         seconds += stats.seconds
         keys = {module: lora_tensor_names(module, embedding=False)[0] for module in plan.modules}
         report = reconstruction_report(

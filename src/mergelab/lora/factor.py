@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mergelab.engine import TaskOutput
+
 # Singular values below this fraction of the largest are treated as zero (their
 # directions carry no energy that float32 factors could represent).
 ZERO_SINGULAR_VALUE = 1e-12
@@ -43,6 +45,17 @@ class Factorisation:
     @property
     def relative_error(self) -> float:
         return relative_error(self.residual_energy, self.total_energy)
+
+    def task_output(self) -> TaskOutput:
+        """The engine's result for a factorising task: outputs (A, B) and the error report."""
+        return TaskOutput(
+            (self.a, self.b),
+            {
+                "relative_error": self.relative_error,
+                "residual_energy": self.residual_energy,
+                "total_energy": self.total_energy,
+            },
+        )
 
 
 def relative_error(residual_energy: float, total_energy: float) -> float:

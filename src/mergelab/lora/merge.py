@@ -52,7 +52,6 @@ from mergelab.lora.output import (
     ADAPTER_SHARD_BYTES,
     BASE_SOURCE,
     adapter_source,
-    apply_threads,
     CollectingSink,
     LoraOptions,
     LoraResult,
@@ -118,14 +117,7 @@ class RefactorOp:
         merged = self.delta(inputs)
         matrix = merged.T if self.delta.transposed else merged
         result = truncated_factors(matrix, self.rank, getattr(torch, self.stored_dtype))
-        return TaskOutput(
-            (result.a, result.b),
-            {
-                "relative_error": result.relative_error,
-                "residual_energy": result.residual_energy,
-                "total_energy": result.total_energy,
-            },
-        )
+        return result.task_output()
 
     @property
     def description(self) -> str:
@@ -607,7 +599,7 @@ def run_lora_merge(config_path: str | Path, out_dir: str | Path, options: Any = 
     if plan.seed is not None and options.seed is None:
         log.warning("no --seed given for random method %s; using seed %d (recorded in the report)", plan.method.name, seed)
     engine.resolve_device(options.device)
-    apply_threads(options.threads)
+    engine.apply_threads(options.threads)
     seconds = 0.0
     if plan.needs_spectrum:
         spectra = CollectingSink()
@@ -617,12 +609,8 @@ def run_lora_merge(config_path: str | Path, out_dir: str | Path, options: Any = 
         resolve_energy_ranks(plan, spectra.tensors)
     with output as temporary:
         writer = ShardedWriter(temporary, plan.layout, ADAPTER_SHARD_BYTES, file_name=ADAPTER_WEIGHTS)
-        try:
-            stats = engine.run(plan.tasks, plan.sources, writer, device=options.device,
-                               prefetch=options.prefetch, progress=options.progress, description="merging adapters")
-        except BaseException:
-            writer.abort()
-            raise
+        stats = engine.run(plan.tasks, plan.sources, writer, device=options.device,
+                           prefetch=options.prefetch, progress=options.progress, description="merging adapters")
         seconds += stats.seconds
         config = plan.output_config()
         ranks = {module.name: int(module.rank or 0) for module in plan.modules}

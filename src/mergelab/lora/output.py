@@ -63,13 +63,6 @@ class LoraResult:
         return lines
 
 
-def apply_threads(threads: Optional[int]) -> None:
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
 class CollectingSink:
     """A sink that keeps the (small) tensors it receives, e.g. spectra in energy mode."""
 
@@ -81,6 +74,9 @@ class CollectingSink:
 
     def close(self) -> None:
         pass
+
+    def abort(self) -> None:
+        self.tensors.clear()
 
 
 def reconstruction_report(

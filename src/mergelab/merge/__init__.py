@@ -58,20 +58,13 @@ def run_merge(config_path: str | Path, out_dir: str | Path, options: MergeOption
         log.warning("no --seed given for random method %s; using seed %d (recorded in the model card)",
                     plan.method.name, seed)
     engine.resolve_device(options.device)
-    if options.threads:
-        import torch
-
-        torch.set_num_threads(options.threads)
+    engine.apply_threads(options.threads)
     with output as temporary:
         writer = ShardedWriter(temporary, plan.layout, shard_bytes)
-        try:
-            stats = engine.run(
-                plan.tasks, plan.checkpoints, writer, device=options.device,
-                prefetch=options.prefetch, progress=options.progress,
-            )
-        except BaseException:
-            writer.abort()
-            raise
+        stats = engine.run(
+            plan.tasks, plan.checkpoints, writer, device=options.device,
+            prefetch=options.prefetch, progress=options.progress,
+        )
         write_model_files(temporary, plan, text)
     return MergeResult(output.destination, stats.tasks, stats.seconds, plan.seed)
 
