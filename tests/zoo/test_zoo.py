@@ -216,3 +216,10 @@ def test_demo_runs_on_pico_and_reports_measured_numbers(pico, tmp_path):
     unknown = CliRunner().invoke(app, ["demo", "--size", "pico", "--skill", "juggling", "--skill", "reverse",
                                        "--out", str(tmp_path / "x"), "--no-progress"])
     assert unknown.exit_code == 2 and "caesar1" in unknown.output and not (tmp_path / "x").exists()
+
+
+def test_a_different_zoo_in_out_is_not_returned_as_this_one(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"size": "tiny", "content_hash": "0123456789ab"}))
+    with pytest.raises(InputError, match="--force"):
+        build("pico", out=tmp_path, progress=False)
+    assert json.loads((tmp_path / "manifest.json").read_text())["size"] == "tiny"  # left as it was

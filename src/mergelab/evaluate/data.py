@@ -118,12 +118,9 @@ def resolve_zoo(source: str) -> Path:
     """The local file behind a ``zoo:`` name, or a clear error when the zoo cannot provide it."""
     name, split = parse_zoo_name(source)
     if not _zoo_resolvers:
-        # The zoo registers its resolver when its package is imported; import it by name so
-        # that this module does not depend on the zoo (the zoo depends on evaluation).
-        try:
-            importlib.import_module("mergelab.zoo")
-        except ImportError:
-            pass
+        # The built-in zoo's resolver, imported by name so that this module does not depend on
+        # the zoo (the zoo depends on evaluation); other resolvers may be registered too.
+        importlib.import_module("mergelab.zoo.catalog").register()
     errors = []
     for resolver in _zoo_resolvers:
         try:

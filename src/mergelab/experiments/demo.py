@@ -93,11 +93,10 @@ def run_demo(size: str = "tiny", out: str | Path = "demo-results", skills: Seque
 def evaluate_models(models: dict[str, Path], zoo_dir: Path, manifest: dict, skills: Sequence[str],
                     progress: bool) -> dict[str, dict[str, Any]]:
     """Exact match of every model on every skill's test split."""
-    import torch
     from rich.progress import Progress
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    from mergelab.evaluate import evaluate, make_task
+    from mergelab.evaluate import evaluate_directory, make_task
 
     max_new_tokens = str(manifest["recipe"]["max_new_tokens"])
     tasks = {
@@ -105,8 +104,6 @@ def evaluate_models(models: dict[str, Path], zoo_dir: Path, manifest: dict, skil
                          chat="true", stop="none", max_new_tokens=max_new_tokens)
         for skill in skills
     }
-    from transformers.utils import logging as hf_logging
-
     scores: dict[str, dict[str, Any]] = {}
     library_bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # one bar per load would interleave with ours
@@ -114,9 +111,8 @@ def evaluate_models(models: dict[str, Path], zoo_dir: Path, manifest: dict, skil
         with Progress(disable=not progress) as bar:
             stage = bar.add_task("evaluating", total=len(models))
             for name, path in models.items():
-                tokenizer = AutoTokenizer.from_pretrained(path)
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-                results = evaluate(model, tokenizer, list(tasks.values()), batch_size=64, keep_items=False)
+                results = evaluate_directory(str(path), list(tasks.values()), batch_size=64, cache=False,
+                                             keep_items=False)
                 scores[name] = {}
                 for skill, task in tasks.items():
                     metric = results["tasks"][task.spec]["metrics"]["exact_match"]
@@ -177,16 +173,17 @@ def report(results: dict[str, Any]) -> str:
         cells = [f"{scores[model][skill]['value']:.2f}" for skill in skills]
         lines.append(f"| {model} | " + " | ".join(cells) + f" | {average(model):.2f} |")
     experts = {skill: scores[f"expert-{skill}"][skill]["value"] for skill in skills}
+    expert_mean = sum(experts.values()) / len(experts)
     merges = [model for model in scores if model.startswith("merge-")]
     best = max(merges, key=average)
     lines += [
         "",
         "## What the numbers say",
         "",
-        f"- Each expert on its own skill: mean {sum(experts.values()) / len(experts):.2f} "
+        f"- Each expert on its own skill: mean {expert_mean:.2f} "
         f"(from {min(experts.values()):.2f} to {max(experts.values()):.2f}); the base: mean {average('base'):.2f}.",
-        f"- Best merge by mean exact match: `{best}` at {average(best):.2f}, "
-        f"i.e. {average(best) / (sum(experts.values()) / len(experts)):.0%} of the experts' mean on their own skills.",
+        f"- Best merge by mean exact match: `{best}` at {average(best):.2f}"
+        + (f", i.e. {average(best) / expert_mean:.0%} of the experts' mean on their own skills." if expert_mean else "."),
     ]
     for model in merges:
         kept = [skill for skill in skills if scores[model][skill]["value"] >= 0.5 * experts[skill]]
@@ -195,17 +192,3 @@ def report(results: dict[str, Any]) -> str:
     lines += ["", "![per-skill accuracy](accuracy.png)", "", "Recipes: `recipes/*.yml`; raw numbers: `results.json`.", ""]
     return "\n".join(lines)
 
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Merge zoo experts three ways and evaluate them.")
-    parser.add_argument("--size", default="tiny")
-    parser.add_argument("--out", default="demo-results")
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    print(f"results in {run_demo(args.size, args.out, force=args.force)}")
-
-
-if __name__ == "__main__":
-    main()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import mergelab
+from mergelab.errors import ComputeError
 from mergelab.lora.factor import relative_error
 
 log = logging.getLogger(__name__)
@@ -93,11 +94,13 @@ def reconstruction_report(
     modules: dict[str, dict[str, Any]] = {}
     residual = total = 0.0
     for module, rank in ranks.items():
-        found = metrics.get(metric_keys[module], {})
-        error = float(found.get("relative_error", 0.0))
+        found = metrics.get(metric_keys[module])
+        if found is None:  # a planning bug, never reported as a perfect reconstruction
+            raise ComputeError(f"no reconstruction error was recorded for module '{module}'.")
+        error = float(found["relative_error"])
         modules[module] = {"rank": int(rank), "relative_error": error}
-        residual += float(found.get("residual_energy", 0.0))
-        total += float(found.get("total_energy", 0.0))
+        residual += float(found["residual_energy"])
+        total += float(found["total_energy"])
     above = sorted((m for m, e in modules.items() if e["relative_error"] > threshold),
                    key=lambda m: -modules[m]["relative_error"])
     report = {

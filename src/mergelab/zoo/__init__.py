@@ -5,7 +5,3 @@ and one LoRA adapter per skill, a safety-tuned model and adapter, and writes dat
 the ecosystem's formats; ``zoo:tiny/expert-caesar3`` then names a model wherever a path
 is expected. ``random_models`` builds tiny random checkpoints (test fixtures, benchmarks).
 """
-
-from mergelab.zoo import catalog
-
-catalog.register()  # zoo:NAME:SPLIT dataset names for the evaluation harness

@@ -309,6 +309,13 @@ def build(size: str = "tiny", out: Optional[Path] = None, *, force: bool = False
     recipe = RECIPES[size]
     destination = Path(out) if out is not None else build_dir(size)
     if (destination / MANIFEST).is_file() and not force:
+        found = json.loads((destination / MANIFEST).read_text())
+        if (found.get("size"), found.get("content_hash")) != (size, content_hash(size)):
+            raise InputError(
+                f"{destination / MANIFEST}: holds a '{found.get('size')}' zoo built from another recipe or code "
+                f"(content hash {found.get('content_hash')}, this '{size}' build is {content_hash(size)}); pass "
+                "--force to rebuild it there, or choose another --out."
+            )
         log.info("zoo '%s' is already built at %s", size, destination)
         return destination
     destination.parent.mkdir(parents=True, exist_ok=True)

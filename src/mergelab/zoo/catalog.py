@@ -12,6 +12,7 @@ Model names: ``base``, ``expert-<skill>``, ``adapter-<skill>``, ``safety``,
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ def zoo_root() -> Path:
     return Path(os.environ.get("MERGELAB_ZOO_DIR", Path.home() / ".cache" / "mergelab" / "zoo")).expanduser()
 
 
+@functools.lru_cache(maxsize=None)
 def content_hash(size: str) -> str:
     """Hash of everything a build depends on: the size's recipe, the zoo's code, library versions."""
     import importlib.metadata

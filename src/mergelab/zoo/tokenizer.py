@@ -11,7 +11,6 @@ loads with ``AutoTokenizer`` and carries a chat template::
 from __future__ import annotations
 
 import string
-from pathlib import Path
 from typing import Any
 
 USER, ASSISTANT, END = "<|user|>", "<|assistant|>", "<|end|>"
@@ -52,10 +51,6 @@ def build_tokenizer() -> Any:
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
-
-
-def save_tokenizer(tokenizer: Any, directory: Path) -> None:
-    tokenizer.save_pretrained(str(directory))
 
 
 def encode_pair(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], list[int]]:

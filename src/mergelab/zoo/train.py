@@ -201,9 +201,3 @@ def add_lora(model: Any, rank: int, alpha: int) -> Any:
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(LORA_TARGETS), lora_dropout=0.0,
                         bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
-
-
-def timed(function: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.perf_counter()
-    result = function()
-    return result, time.perf_counter() - start
