@@ -7,11 +7,14 @@ Invoked as ``unshare [--user --map-root-user] --fork --pid --mount-proc --kill-c
 
 1. makes every existing mount read-only, nosuid and nodev (the host file system cannot be
    changed, and setuid/setgid bits and device nodes on it mean nothing);
-2. mounts an empty tmpfs over every directory in ``HIDDEN`` (temporary files, home
-   directories, /run with its sockets, /var/lib, /srv, /opt, /work, /mnt, /media), re-exposing
-   the Python interpreter read-only if it lives under one of them, a minimal /dev (a tmpfs
-   holding only null, zero, random and urandom), and a small writable tmpfs at /tmp/work,
-   the program's working directory; then makes those tmpfs read-only too;
+2. hides every top-level entry of / except the system's own (``KEPT``: /usr, /bin, /sbin,
+   /lib*, /etc, /proc, /sys, /dev): an empty tmpfs over each directory (temporary files, home
+   directories, /run with its sockets, /var, /srv, /opt, /mnt, and wherever a checkout or
+   data set happens to live), an empty file over each top-level file; re-exposes the Python
+   installation read-only if it lives under a hidden directory; mounts a minimal /dev (a tmpfs
+   holding only null, zero, random and urandom) and a small writable tmpfs at /tmp/work, the
+   program's working directory; then makes those tmpfs read-only too. An allow-list, not a
+   deny-list: a directory nobody thought of (a CI checkout under /check, say) is hidden too;
 3. forks the worker, which sets the resource limits, gives up every privilege, and execs
    Python on a tiny runner that executes the program:
 
@@ -49,8 +52,9 @@ MS_PRIVATE, MS_RELATIME, MS_STRICTATIME = 1 << 18, 1 << 21, 1 << 24
 LOCKED_DOWN = MS_RDONLY | MS_NOSUID | MS_NODEV
 PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 38, 47, 4
 CLONE_NEWUSER = 0x10000000
-HIDDEN = ("/tmp", "/var/tmp", "/root", "/home", "/run", "/var/run", "/var/lib", "/srv", "/opt", "/work", "/mnt",
-          "/media")
+# The top-level entries a program may see (read-only); everything else at / is covered. The interpreter
+# needs /usr and /lib*, programs need /etc (locale, passwd); /proc is the namespace's own.
+KEPT = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "proc", "sys", "dev")
 DEVICES = ("null", "zero", "random", "urandom")
 WORK = "/tmp/work"
 INNER_ID = 1000  # the program's uid and gid in its own user namespace (the non-root path)
@@ -186,13 +190,25 @@ def setup(config, program):
     except OSError as exc:
         raise SetupError("the Python installation %s: %s" % (prefix, exc.strerror))
     devices = {name: os.open("/dev/" + name, os.O_PATH) for name in DEVICES}
-    covered = []
-    for target in HIDDEN:
-        real = os.path.realpath(target)  # /var/run is usually a link to /run
-        if real in covered or not os.path.isdir(real):
+    covered, files = [], []
+    for entry in sorted(os.listdir("/")):
+        if entry in KEPT or os.path.islink("/" + entry):  # a link leads to a kept or a covered place
             continue
-        mount("sandbox", real, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=%s,mode=755" % ("4m" if real == "/tmp" else "1m"))
-        covered.append(real)
+        place = "/" + entry
+        if os.path.isdir(place):
+            mount("sandbox", place, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                  "size=%s,mode=755" % ("4m" if place == "/tmp" else "1m"))
+            covered.append(place)
+        else:
+            files.append(place)
+    if "/tmp" not in covered:
+        raise SetupError("/ has no /tmp directory to hold the working directory")
+    if files:
+        empty = "/tmp/.empty"
+        os.close(os.open(empty, os.O_WRONLY | os.O_CREAT, 0o444))
+        for place in files:
+            mount(empty, place, None, MS_BIND)
+            mount(None, place, None, MS_REMOUNT | MS_BIND | LOCKED_DOWN | MS_NOEXEC)
     if any(prefix == place or prefix.startswith(place + "/") for place in covered):
         os.makedirs(prefix, exist_ok=True)
         mount(fd_path(prefix_fd), prefix, None, MS_BIND | MS_REC)

@@ -17,9 +17,11 @@ program runs under these guarantees:
   time (``RLIMIT_CPU``), address space (``RLIMIT_AS``), processes (``RLIMIT_NPROC``,
   counted for this run alone: per sandbox uid as root, per user namespace otherwise —
   Linux >= 5.15), file size (``RLIMIT_FSIZE``), open files, no core dumps.
-- **file system**: every host mount is read-only, nosuid and nodev; /tmp, /var/tmp,
-  /root, /home, /run (and /var/run), /var/lib, /srv, /opt, /work, /mnt and /media are
-  empty and read-only, so neither their files nor the unix sockets there can be reached;
+- **file system**: every host mount is read-only, nosuid and nodev; only the system's own
+  top-level directories stay visible (/usr, /bin, /sbin, /lib*, /etc, /proc, /sys, /dev):
+  every other one (/tmp, /root, /home, /run, /var, /srv, /opt, /mnt, wherever a checkout
+  lives) is empty and read-only, so neither its files nor the unix sockets there can be
+  reached (the Python installation alone is re-exposed, read-only, where it lies below one);
   /dev holds only null, zero, random and urandom (plus fd links), no block devices; the
   only writable place is the working directory /tmp/work, a fresh size-limited tmpfs that
   vanishes with the run. Writing or deleting anything outside it fails.
