@@ -6,7 +6,7 @@ import pytest
 
 from mergelab.errors import InputError
 from mergelab.evaluate import GenerationParams, GenerationRequest, Runner, evaluate, evaluate_directory, load_model
-from mergelab.evaluate.tasks.generate import rouge_l
+from mergelab.evaluate.tasks.generate import edit_similarity, rouge_l
 
 
 def test_rouge_l_equals_rouge_score():
@@ -17,6 +17,16 @@ def test_rouge_l_equals_rouge_score():
              ("Police killed the gunman.", "The gunman was killed by police."), ("", "nothing")]
     for prediction, reference in pairs:
         assert rouge_l(prediction, reference) == pytest.approx(scorer.score(reference, prediction)["rougeL"].fmeasure)
+
+
+def test_edit_similarity_is_one_minus_levenshtein_over_the_longer_length():
+    from nltk.metrics.distance import edit_distance
+
+    pairs = [("khoor", "khoor"), ("khor", "khoor"), ("abcdef", "azced"), ("", "abc"), ("kitten", "sitting"), ("x", "")]
+    for prediction, reference in pairs:
+        expected = 1 - edit_distance(prediction, reference) / max(len(prediction), len(reference))
+        assert edit_similarity(prediction, reference) == pytest.approx(expected)
+    assert edit_similarity("", "") == 1.0
 
 
 def test_generate_task_scores_exact_match_and_rouge(tiny, tmp_path, jsonl):
@@ -35,6 +45,9 @@ def test_generate_task_scores_exact_match_and_rouge(tiny, tmp_path, jsonl):
     assert [item["scores"]["exact_match"] for item in task["items"]] == [1.0, 1.0, 0.0]
     assert task["metrics"]["exact_match"]["value"] == pytest.approx(2 / 3)
     assert task["items"][2]["scores"]["rouge_l"] == pytest.approx(rouge_l(outputs[2], "something else entirely"))
+    assert [item["scores"]["edit_similarity"] for item in task["items"]][:2] == [1.0, 1.0]
+    assert task["items"][2]["scores"]["edit_similarity"] == pytest.approx(
+        edit_similarity(outputs[2].strip(), "something else entirely"))
     broken = jsonl(tmp_path / "broken.jsonl", [{"prompt": "x", "answer": "y"}, {"prompt": "x", "reply": "y"}])
     with pytest.raises(InputError, match=r"broken.jsonl:2: no answer field"):
         evaluate(model, tokenizer, [f"generate:data={broken}"])

@@ -1,4 +1,4 @@
-"""``generate``: free generation scored by ``exact_match`` and ``rouge_l`` against reference answers.
+"""``generate``: free generation scored by ``exact_match``, ``rouge_l`` and ``edit_similarity`` against references.
 
 Rows: a prompt in ``prompt`` (or ``question`` / ``input``; or ``field=NAME``) and the
 reference in ``answer`` (or ``answers`` / ``target``; a list means any of them counts),
@@ -11,6 +11,10 @@ rows of ``dev`` are prepended as ``{prompt}{target_delimiter}{answer}\\n\\n``.
 - ``rouge_l``: ROUGE-L F1 on the longest common subsequence of tokens, tokenised as the
   ``rouge_score`` package does (lower-case, runs of non-alphanumerics split tokens, no
   stemming); the best reference counts.
+- ``edit_similarity``: 1 − Levenshtein distance / length of the longer text, on characters
+  of the output and a reference normalised as for exact match (1 for identical texts, 0
+  for nothing in common); the best reference counts. It gives partial credit where one
+  wrong character makes an exact match 0 (e.g. a merged model that keeps part of a skill).
 
 Decoding is greedy by default and stops at the first newline (``stop=\\n``) — set
 ``stop=none`` (or use ``chat=true``) for multi-line answers.
@@ -57,6 +61,19 @@ def rouge_l(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def edit_similarity(prediction: str, reference: str) -> float:
+    """1 − (character-level Levenshtein distance) / max(len(prediction), len(reference)); 1.0 for two empty texts."""
+    if not prediction and not reference:
+        return 1.0
+    previous = list(range(len(reference) + 1))
+    for i, char in enumerate(prediction, start=1):
+        current = [i]
+        for j, other in enumerate(reference, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char != other)))
+        previous = current
+    return 1.0 - previous[-1] / max(len(prediction), len(reference))
+
+
 def normalize(text: str, ignore_case: bool, ignore_punctuation: bool) -> str:
     text = text.strip()
     if ignore_case:
@@ -90,7 +107,7 @@ def _as_references(row: Row, value: Any) -> list[str]:
 
 @register_task("generate")
 class GenerateTask(Task):
-    """Generation scored by exact match and ROUGE-L."""
+    """Generation scored by exact match, ROUGE-L and edit similarity."""
 
     @dataclass
     class Options:
@@ -152,10 +169,12 @@ class GenerateTask(Task):
         o = self.options
         for index, ((prompt, references, where), output) in enumerate(zip(self.examples, outputs)):
             predicted = normalize(output, o.ignore_case, o.ignore_punctuation)
-            exact = float(any(predicted == normalize(r, o.ignore_case, o.ignore_punctuation) for r in references))
-            rouge = max(rouge_l(output, r) for r in references)
+            targets = [normalize(r, o.ignore_case, o.ignore_punctuation) for r in references]
+            scores = {"exact_match": float(predicted in targets),
+                      "rouge_l": max(rouge_l(output, r) for r in references),
+                      "edit_similarity": max(edit_similarity(predicted, t) for t in targets)}
             items.append({"id": index, "where": where, "input": prompt, "target": references, "output": output,
-                          "scores": {"exact_match": exact, "rouge_l": rouge}})
+                          "scores": scores})
         metrics = {name: summarize_mean([i["scores"][name] for i in items], context.seed)
-                   for name in ("exact_match", "rouge_l")}
+                   for name in ("exact_match", "rouge_l", "edit_similarity")}
         return TaskResult(metrics, items, {}, {"generation": {**params.__dict__, "stop": list(params.stop)}})
