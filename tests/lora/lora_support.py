@@ -25,7 +25,8 @@ def make_adapter(base: Path, path: Path, seed: int, saved_noise: float = 0.0, **
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(base))
     config.setdefault("target_modules", ATTENTION_AND_MLP)
-    peft_model = get_peft_model(model, LoraConfig(init_lora_weights=False, **config))
+    config.setdefault("init_lora_weights", False)
+    peft_model = get_peft_model(model, LoraConfig(**config))
     with torch.no_grad():  # PEFT's own random init is large; keep ΔW comparable to W
         for name, parameter in peft_model.named_parameters():
             if "lora_" in name:

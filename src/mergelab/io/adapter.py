@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+# What PEFT saves for trainable_token_indices: the new rows of the listed token ids, not a whole tensor.
+TRAINABLE_TOKENS_SUFFIX = ".token_adapter.trainable_tokens_delta"
 
 # tensor-name suffix -> (kind of module, which factor)
 _LORA_SUFFIXES = (
@@ -58,13 +60,89 @@ _LORA_SUFFIXES = (
     (".lora_embedding_B", "embedding", "B"),
 )
 
-# Config switches whose adapters are not plain LoRA: refused rather than half-applied.
-_UNSUPPORTED_SWITCHES = {
-    "use_dora": "DoRA (use_dora) adapters rescale the weight's columns and are not plain LoRA",
+# Every field of PEFT 0.21's ``LoraConfig``, sorted by what it means for ΔW = scaling · B·A.
+# tests/lora/test_lora_variants.py checks this against the installed PEFT, so a field a newer PEFT adds
+# fails that test until it is sorted here.
+#
+# Read and honoured: they decide which modules change and how (see the module docstring).
+PLAIN_LORA_FIELDS = frozenset({
+    "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "target_modules",
+    "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save", "lora_bias",
+    "bias",  # which biases were trained; the trained ones are saved as full tensors and applied as such
+})
+# Bookkeeping, or used only while training or initialising: the saved factors already hold their effect.
+# (init_lora_weights is checked on its own: some initialisations rewrite the base weights.)
+NEUTRAL_LORA_FIELDS = frozenset({
+    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "lora_dropout", "init_lora_weights", "runtime_config", "megatron_core",
+    "qalora_group_size",  # only read with use_qalora, which is refused
+    "loftq_config", "eva_config", "corda_config", "lora_ga_config",  # settings of an init_lora_weights scheme
+    "ensure_weight_tying",  # ties adapters of tied modules; what it tied is in the saved tensors
+})
+# Settings that make an adapter something other than W + scaling · B·A: refused when set (PEFT's own test
+# for a variant is the field's truth value), with the reason.
+LORA_VARIANT_FIELDS: dict[str, str] = {
+    "use_dora": "DoRA adapters rescale each column of the weight by a learned magnitude vector, so the update is "
+                "not scaling · B·A",
+    "alora_invocation_tokens": "aLoRA (activated LoRA) adapters change only the tokens after their invocation "
+                               "sequence, so they cannot be merged into the weights (PEFT's merge_and_unload "
+                               "refuses them too)",
+    "use_bdlora": "BD-LoRA adapters store block-diagonal factors in blocks, not as the A and B matrices of plain LoRA",
+    "arrow_config": "Arrow adapters route every token among several LoRA experts, which cannot be merged into the "
+                    "weights (PEFT refuses to merge them too)",
+    "velora_config": "VeLoRA adapters are a PEFT LoRA variant with extra per-module state (lora_velora_*) that "
+                     "mergelab does not read",
+    "monteclora_config": "MonteCLoRA adapters are a PEFT LoRA variant with a trained sampler "
+                         "(lora_monteclora_sampler) beside A and B that mergelab does not read",
+    "kasa_config": "KaSA adapters truncate the base weight's smallest singular values and scale B·A by a learned "
+                   "diagonal, so the update is not scaling · B·A on the original base",
+    "use_qalora": "QA-LoRA adapters pool their inputs in groups and are meant for a quantized base",
     "layer_replication": "layer_replication changes the model's layer structure",
     "target_parameters": "LoRA on nn.Parameter targets (target_parameters) is not plain module LoRA",
-    "use_qalora": "QA-LoRA (use_qalora) adapters pool their inputs and are not plain LoRA",
+    "trainable_token_indices": "trainable tokens replace rows of the embedding "
+                               "(token_adapter.trainable_tokens_delta), which mergelab does not apply",
+    "megatron_config": "the adapter was built for Megatron's parallel linear layers, not a Hugging Face checkpoint",
 }
+# init_lora_weights values whose initialisation rewrote the base weights (W − scaling·B₀A₀, or a quantized
+# residual): the saved factors belong to that rewritten base, not to base_model_name_or_path. PEFT's
+# save_pretrained(..., path_initial_model_for_weight_conversion=...) converts them to plain LoRA (and
+# records init_lora_weights=True).
+_BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+
+
+def check_plain_lora_config(config: Mapping[str, Any], where: str) -> None:
+    """Refuse an ``adapter_config.json`` that is not plain LoRA, naming the field and why.
+
+    Every LoRA variant field of PEFT 0.21 that is set (truthy, as PEFT tests it), an
+    initialisation that rewrote the base weights, and any set field this PEFT version
+    does not have (a newer PEFT's variant would otherwise be read as plain LoRA).
+    """
+    for key, value in config.items():
+        if key in LORA_VARIANT_FIELDS:
+            if value:
+                raise InputError(
+                    f"{where}: {key} is set ({_short(value)}); {LORA_VARIANT_FIELDS[key]}. mergelab reads plain LoRA "
+                    f"adapters only: use this adapter with PEFT itself, or train it again without {key}."
+                )
+        elif key == "init_lora_weights":
+            if isinstance(value, str) and value.lower().startswith(_BASE_REWRITING_INITS):
+                raise InputError(
+                    f"{where}: init_lora_weights is '{value}', an initialisation that rewrote the base model's "
+                    "weights, so these factors apply to that rewritten base, not to the original one. Convert the "
+                    "adapter to plain LoRA with PEFT: save_pretrained(out, "
+                    "path_initial_model_for_weight_conversion=<the adapter saved before training>)."
+                )
+        elif key not in PLAIN_LORA_FIELDS and key not in NEUTRAL_LORA_FIELDS and value not in (None, False, "", [], {}):
+            raise InputError(
+                f"{where}: field '{key}' ({_short(value)}) is not a LoRA field mergelab knows (those of PEFT 0.21's "
+                "LoraConfig); it may be a newer PEFT's LoRA variant, which would be read wrongly as plain LoRA. "
+                "Remove it from the file only if you know it does not change the weights."
+            )
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def lora_tensor_names(module: str, embedding: bool) -> tuple[str, str]:
@@ -185,9 +263,7 @@ class Adapter:
         peft_type = str(config.get("peft_type", "LORA")).upper()
         if peft_type != "LORA":
             raise InputError(f"{where}: peft_type is {peft_type}; mergelab reads LoRA adapters only.")
-        for switch, why in _UNSUPPORTED_SWITCHES.items():
-            if config.get(switch):
-                raise InputError(f"{where}: {switch} is set; {why}, which mergelab does not support.")
+        check_plain_lora_config(config, where)
         self.r = _positive_int(config.get("r", 8), f"{where}: r")
         self.lora_alpha = _number(config.get("lora_alpha", 8), f"{where}: lora_alpha")
         self.use_rslora = bool(config.get("use_rslora", False))
@@ -221,6 +297,13 @@ class Adapter:
                     factors.setdefault((module, kind), {})[part] = info
                     break
             else:
+                if name.endswith(TRAINABLE_TOKENS_SUFFIX):
+                    module = name[len(PEFT_PREFIX) : -len(TRAINABLE_TOKENS_SUFFIX)]
+                    raise InputError(
+                        f"{where}: tensor '{name}' holds trainable tokens (PEFT's trainable_token_indices: new rows "
+                        f"for some token ids of '{module}'), which mergelab does not apply. Merge this adapter with "
+                        "PEFT (PeftModel.merge_and_unload), or train it with the embedding in modules_to_save."
+                    )
                 if ".lora_" in name:
                     raise InputError(
                         f"{where}: tensor '{name}' is a LoRA tensor of a kind mergelab does not know (only lora_A, "
@@ -636,6 +719,12 @@ def open_adapted_model(reference: str) -> AdaptedModel:
 # ---------------------------------------------------------------------------------------
 
 
+# What an input adapter's config passes on to a merged adapter's: what kind of model it is for. PEFT's
+# add_weighted_adapter copies the first adapter's whole config; copying more than this would carry a variant
+# switch (aLoRA's invocation tokens, DoRA, ...) or an init scheme onto factors that no longer have it.
+_TEMPLATE_FIELDS = ("task_type", "auto_mapping")
+
+
 def adapter_config(
     *,
     ranks: Mapping[str, int],
@@ -645,13 +734,13 @@ def adapter_config(
     fan_in_fan_out: bool = False,
     template: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A PEFT LoRA ``adapter_config.json`` for factors whose ΔW needs no scaling (scaling 1).
+    """A plain PEFT LoRA ``adapter_config.json`` for factors whose ΔW needs no scaling (scaling 1).
 
     ``ranks`` maps each module to its rank; r and lora_alpha are the most common rank,
     and modules with another rank get equal ``rank_pattern`` and ``alpha_pattern``
     entries (full module names, which match only themselves), so alpha / r = 1 everywhere.
-    ``template`` (an input adapter's config) supplies the remaining fields, as PEFT's
-    ``add_weighted_adapter`` does.
+    Every field is a plain-LoRA one (``PLAIN_LORA_FIELDS`` / ``NEUTRAL_LORA_FIELDS``);
+    ``template`` (an input adapter's config) supplies only ``task_type`` and ``auto_mapping``.
     """
     if not ranks:
         raise ValueError("an adapter needs at least one module")
@@ -660,25 +749,22 @@ def adapter_config(
         counts[rank] = counts.get(rank, 0) + 1
     r = max(counts, key=lambda rank: (counts[rank], rank))
     pattern = {module: rank for module, rank in sorted(ranks.items()) if rank != r}
-    config: dict[str, Any] = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "inference_mode": True,
-        "bias": "none",
-        "lora_dropout": 0.0,
-    }
+    config: dict[str, Any] = {"peft_type": "LORA", "task_type": "CAUSAL_LM"}
     if template:
-        config.update({k: v for k, v in template.items() if k not in ("layers_to_transform", "layers_pattern")})
+        config.update({key: template[key] for key in _TEMPLATE_FIELDS if template.get(key) is not None})
     config.update(
         {
+            "inference_mode": True,
             "base_model_name_or_path": base_model_name_or_path,
             "r": r,
             "lora_alpha": r,
             "rank_pattern": pattern,
             "alpha_pattern": dict(pattern),
             "use_rslora": False,
-            "use_dora": False,
             "lora_bias": False,
+            "bias": "none",
+            "lora_dropout": 0.0,
+            "init_lora_weights": True,
             "fan_in_fan_out": fan_in_fan_out,
             "target_modules": target_modules,
             "modules_to_save": list(modules_to_save) or None,
