@@ -325,8 +325,9 @@ class LoraMergePlan:
 
     def output_config(self) -> dict[str, Any]:
         ranks = {module.name: int(module.rank or 0) for module in self.modules}
-        bases = {a.base_model_name_or_path for a in self.adapters}
-        base_name = self.config.base_model or (bases.pop() if len(bases) == 1 else None)
+        names = [a.base_model_name_or_path for a in self.adapters]
+        same_base = len({base_identity(name) if name else None for name in names}) == 1
+        base_name = self.config.base_model or (names[0] if same_base else None)
         return adapter_config(
             ranks=ranks,
             target_modules=self.target_modules,
@@ -369,12 +370,15 @@ class _Planner:
                     f"blocks under {sorted(prefixes[0])} but '{self.adapters[index].reference}' under "
                     f"{sorted(found)}. Merge adapters of the same base model."
                 )
-        bases = {a.base_model_name_or_path for a in self.adapters if a.base_model_name_or_path}
+        bases: dict[str, str] = {}  # identity -> the name as the first adapter naming it wrote it
+        for adapter in self.adapters:
+            if adapter.base_model_name_or_path:
+                bases.setdefault(base_identity(adapter.base_model_name_or_path), adapter.base_model_name_or_path)
         if len(bases) > 1 and self.base is None:
             log.warning(
                 "the adapters name different base models (%s); shapes agree so far, but add base_model: to the "
                 "recipe to check them against the one you mean",
-                ", ".join(sorted(bases)),
+                ", ".join(sorted(bases.values())),
             )
         for adapter in self.adapters:
             if any(m.bias is not None for m in adapter.modules.values()):
@@ -549,6 +553,13 @@ class _Planner:
             inputs = (TensorRef(BASE_SOURCE, base_name), *refs)
             tasks.append(TensorTask((OutputTensor(output_name, info.shape, out_dtype),), inputs, op, self.config.dtype))
         return tasks
+
+
+def base_identity(name: str) -> str:
+    """What a ``base_model_name_or_path`` refers to: the resolved folder when it is a local path (so a
+    relative and an absolute spelling of one folder agree), else the name itself (a Hub id)."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
 
 
 def _module_order(found: dict[str, Any]) -> list[str]:
