@@ -42,7 +42,7 @@ from mergelab.evaluate.cache import ResultCache, default_cache_dir
 from mergelab.evaluate.compare import compare_results, format_comparison
 from mergelab.evaluate.data import load_rows, register_zoo_resolver
 from mergelab.evaluate.model import fingerprint_directory, fingerprint_module, load_model
-from mergelab.evaluate.results import read_results, write_results
+from mergelab.evaluate.results import check_results_path, read_results, write_results
 from mergelab.evaluate.runner import GenerationParams, GenerationRequest, Runner
 from mergelab.evaluate.sandbox import Limits, Sandbox, SandboxError
 from mergelab.evaluate.tasks import JudgeSettings, Task, make_task, register_task, task_names
@@ -58,6 +58,7 @@ __all__ = [
     "SandboxError",
     "Task",
     "build_tasks",
+    "check_results_path",
     "compare_results",
     "default_cache_dir",
     "evaluate",

@@ -25,9 +25,10 @@ from typing import Any, Optional, Sequence, Union
 from mergelab.errors import ConfigError
 from mergelab.evaluate.cache import ResultCache
 from mergelab.evaluate.model import ModelSource, fingerprint_module
-from mergelab.evaluate.results import RESULTS_FORMAT, package_versions
+from mergelab.evaluate.results import RESULTS_FORMAT, check_results_path, package_versions, write_results
 from mergelab.evaluate.runner import Runner, resolve_max_length
 from mergelab.evaluate.tasks import Context, JudgeSettings, Task, make_task
+from mergelab.evaluate.tasks.base import check_run_options
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ def build_tasks(tasks: Sequence[TaskLike], limit: Optional[int] = None, num_fews
     """
     if not tasks:
         raise ConfigError("no task given; add --task, e.g. --task choice:data=mmlu.jsonl (see `mergelab eval --help`).")
+    check_run_options(limit=limit, num_fewshot=num_fewshot)
     built: list[tuple[str, Task]] = []
     for entry in tasks:
         task = make_task(entry, **overrides) if isinstance(entry, str) else entry
@@ -153,6 +155,7 @@ def evaluate(model: Any = None, tokenizer: Any = None, tasks: Sequence[TaskLike]
     ``model=None`` is allowed only for tasks that need no model (humaneval with samples).
     """
     started = time.perf_counter()
+    check_run_options(limit=limit, num_fewshot=num_fewshot, batch_size=batch_size)
     store = ResultCache(cache) if isinstance(cache, (str, Path)) else cache
     runner = None
     identity = None
@@ -195,6 +198,7 @@ def evaluate_directory(reference: Optional[str], tasks: Sequence[TaskLike], *, a
                        device: str = "cpu", dtype: Optional[str] = "auto", seed: int = 0,
                        cache: Union[ResultCache, str, Path, None, bool] = True, judge: Optional[JudgeSettings] = None,
                        samples: Optional[str] = None, keep_items: bool = True,
+                       out: Union[str, Path, None] = None, overwrite: bool = False,
                        runner_hook: Any = None) -> dict[str, Any]:
     """Evaluate a Hugging Face model directory (+ PEFT adapters, merged in order) on ``tasks``.
 
@@ -202,9 +206,14 @@ def evaluate_directory(reference: Optional[str], tasks: Sequence[TaskLike], *, a
     ``~/.cache/mergelab/eval``), a path or ResultCache uses that one, False/None none. The
     model is loaded only if some answer is missing from the cache. ``reference=None``
     with ``samples=`` scores given HumanEval completions without a model.
+    ``out`` writes the results JSON there (:func:`write_results`; an existing file only
+    with ``overwrite``); the path is checked before anything else is done.
     ``runner_hook(runner)`` may adjust the runner before tasks run (used by tests).
     """
     started = time.perf_counter()
+    check_run_options(limit=limit, num_fewshot=num_fewshot, batch_size=batch_size)
+    if out is not None:
+        check_results_path(out, overwrite)
     if cache is True:
         store: Optional[ResultCache] = ResultCache()
     elif isinstance(cache, (str, Path)):
@@ -246,7 +255,10 @@ def evaluate_directory(reference: Optional[str], tasks: Sequence[TaskLike], *, a
                 "batch_size": batch_size, "seed": seed, "device": device, "dtype": dtype,
                 "max_length": runner.max_length if runner else None, "samples": samples,
                 "cache": str(store.path) if store is not None else None}
-    return _assemble(model_info, settings, task_results, time.perf_counter() - started)
+    results = _assemble(model_info, settings, task_results, time.perf_counter() - started)
+    if out is not None:
+        write_results(results, out, overwrite=overwrite)  # refuses a file that appeared meanwhile
+    return results
 
 
 def format_results(results: dict[str, Any]) -> str:

@@ -47,16 +47,38 @@ class ResultCache:
 
     def __init__(self, directory: str | os.PathLike[str] | None = None):
         self.directory = Path(directory).expanduser() if directory is not None else default_cache_dir()
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / CACHE_FILE
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), timeout=60, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS file_digests (path TEXT PRIMARY KEY, stat TEXT NOT NULL, digest TEXT NOT NULL)"
-        )
+        self._db = self._open()
+
+    def _open(self) -> sqlite3.Connection:
+        """Create the directory if needed and open the store, with an error naming the path if either fails."""
+        from mergelab.errors import InputError
+
+        where = f"result cache directory '{self.directory}'"
+        fix = "give another --cache-dir (MERGELAB_CACHE_DIR), or --no-cache"
+        if self.directory.exists() and not self.directory.is_dir():
+            raise InputError(f"{where} is a file, not a directory; {fix}.")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"{where} cannot be created ({exc.strerror or exc}); {fix}.") from None
+        if self.path.exists() and not self.path.is_file():
+            raise InputError(f"{where}: '{self.path}' is not a file; remove it, or {fix}.")
+        db = None
+        try:
+            db = sqlite3.connect(str(self.path), timeout=60, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS file_digests (path TEXT PRIMARY KEY, stat TEXT NOT NULL, digest TEXT NOT NULL)"
+            )
+        except sqlite3.Error as exc:
+            if db is not None:
+                db.close()
+            raise InputError(f"{where}: cannot use '{self.path}' ({exc}); {fix}.") from None
+        return db
 
     # ---- answers -------------------------------------------------------------------------
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:

@@ -309,6 +309,9 @@ def load_rows(source: str | Path, *, split: str = "test", hf_config: Optional[st
 
 
 def iter_limited(rows: Iterable[Row], limit: Optional[int]) -> list[Row]:
-    """The first ``limit`` rows (all when ``limit`` is None)."""
+    """The first ``limit`` rows (all when ``limit`` is None; a limit below 1 is refused)."""
+    from mergelab.evaluate.tasks.base import check_run_options
+
+    check_run_options(limit=limit)
     rows = list(rows)
-    return rows if limit is None else rows[: max(limit, 0)]
+    return rows if limit is None else rows[:limit]

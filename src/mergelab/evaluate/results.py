@@ -95,21 +95,33 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def check_results_path(path: str | os.PathLike[str], overwrite: bool = True) -> Path:
+    """The results file ``path`` will be, checked: its directory exists, it is not a directory, and
+    (with ``overwrite=False``) it does not exist yet. Cheap; call it before evaluating."""
+    from mergelab.errors import ConfigError
+
+    destination = Path(path).expanduser()
+    if destination.is_dir():
+        raise ConfigError(f"the results file '{destination}' is a directory; give a file name, e.g. "
+                          f"'{destination / 'results.json'}'.")
+    if not destination.parent.is_dir():
+        raise ConfigError(f"the directory of the results file '{destination}' does not exist; create it first.")
+    if not overwrite and destination.exists():
+        raise ConfigError(f"the results file '{destination}' already exists; pass --force (overwrite=True from Python) "
+                          "to replace it.")
+    return destination
+
+
 def write_results(results: dict[str, Any], path: str | os.PathLike[str], overwrite: bool = True) -> Path:
     """Write ``results`` as JSON to ``path`` atomically (temporary file in the same directory, then rename).
 
     With ``overwrite=False`` an existing ``path`` is an error, checked at the moment the
     file appears (a hard link, which fails if the name exists), so a file created while a
-    long evaluation ran is not replaced either.
+    long evaluation ran is not replaced either. A directory is never replaced.
     """
     from mergelab.errors import ConfigError
 
-    destination = Path(path).expanduser()
-    if not destination.parent.exists():
-        raise ConfigError(f"the directory of the results file '{destination}' does not exist; create it first.")
-    if not overwrite and destination.exists():
-        raise ConfigError(f"the results file '{destination}' already exists; pass --force (overwrite=True from Python) "
-                          "to replace it.")
+    destination = check_results_path(path, overwrite)
     text = json.dumps(_jsonable(results), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     handle, temporary = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
     try:
@@ -119,7 +131,10 @@ def write_results(results: dict[str, Any], path: str | os.PathLike[str], overwri
             os.fsync(out.fileno())
         os.chmod(temporary, 0o644)
         if overwrite:
-            os.replace(temporary, destination)
+            try:
+                os.replace(temporary, destination)
+            except IsADirectoryError:  # a directory took the name while the evaluation ran
+                raise ConfigError(f"the results file '{destination}' is a directory; give a file name.") from None
         else:
             appeared = ConfigError(f"the results file '{destination}' appeared while the evaluation ran; it was left "
                                    "alone. Pass --force (overwrite=True from Python) to replace it.")

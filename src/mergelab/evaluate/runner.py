@@ -438,10 +438,14 @@ class Runner:
 
     def perplexity_settings(self, max_length: Optional[int] = None, stride: Optional[int] = None) -> tuple[int, int]:
         """The (window, stride) :meth:`perplexity_windows` uses for these options."""
-        window = max_length or min(self.max_length, DEFAULT_MAX_LENGTH)
+        # None means "the default"; 0 is a value, and refused below (not silently the default).
+        window = min(self.max_length, DEFAULT_MAX_LENGTH) if max_length is None else max_length
+        if window < 2:
+            raise ConfigError(f"perplexity max_length is {window}; it must be at least 2 (a window scores every "
+                              "token after its first).")
         if window > self.max_length:
             raise ConfigError(f"perplexity max_length {window} exceeds the model's context ({self.max_length}).")
-        step = stride or max(window // 2, 1)
+        step = max(window // 2, 1) if stride is None else stride
         if not 0 < step <= window:
             raise ConfigError(f"perplexity stride must be in 1..max_length ({window}), got {step}.")
         return window, step

@@ -28,6 +28,17 @@ from mergelab.errors import ConfigError
 _REGISTRY: dict[str, type["Task"]] = {}
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 
+# The least meaningful value of each counting option, and what it counts. Checked before any data is read:
+# the evaluation options (limit, num_fewshot, batch_size) by check_run_options, and the fields of that name
+# in any task's Options by check_option_minimums (None always means "the default").
+OPTION_MINIMUMS: dict[str, tuple[int, str]] = {
+    "limit": (1, "the number of items of each task to evaluate; leave it out for all of them"),
+    "num_fewshot": (0, "the number of solved examples before each question; 0 is zero-shot"),
+    "batch_size": (1, "the number of sequences per forward pass"),
+    "max_length": (2, "a perplexity window scores every token after its first, so it needs at least 2 tokens"),
+    "stride": (1, "the number of tokens between the starts of two perplexity windows"),
+}
+
 
 @dataclass
 class JudgeSettings:
@@ -77,6 +88,7 @@ class Task:
 
     def __init__(self, options: Any = None, **values: Any):
         self.options = options if options is not None else self.Options(**values)
+        check_option_minimums(self.name, self.options)
         self.loaded = False
         self.loaded_with: Optional[dict[str, Optional[int]]] = None  # the limit / num_fewshot load() was given
 
@@ -104,6 +116,29 @@ class Task:
 
     def run(self, context: Context) -> TaskResult:
         raise NotImplementedError
+
+
+def _check_minimum(name: str, value: Any, what: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{what} must be a whole number, got {value!r}.")
+    minimum, meaning = OPTION_MINIMUMS[name]
+    if value < minimum:
+        raise ConfigError(f"{what} is {value}; it must be at least {minimum} ({meaning}).")
+
+
+def check_run_options(**values: Optional[int]) -> None:
+    """Refuse evaluation options that cannot mean anything (``limit=-1``, ``num_fewshot=-1``), naming them."""
+    for name, value in values.items():
+        _check_minimum(name, value, f"{name} (--{name.replace('_', '-')})")
+
+
+def check_option_minimums(task: str, options: Any) -> None:
+    """Refuse a task option below its least meaningful value (``OPTION_MINIMUMS``), naming the task and option."""
+    for item in dataclasses.fields(options):
+        if item.name in OPTION_MINIMUMS:
+            _check_minimum(item.name, getattr(options, item.name), f"task '{task}': option '{item.name}'")
 
 
 def unescape(text: str) -> str:

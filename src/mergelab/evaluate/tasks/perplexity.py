@@ -41,6 +41,9 @@ class PerplexityTask(Task):
 
     def load(self, limit: Optional[int] = None, num_fewshot: Optional[int] = None) -> None:
         options = self.options
+        if options.max_length is not None and options.stride is not None and options.stride > options.max_length:
+            raise ConfigError(f"task 'perplexity': option 'stride' ({options.stride}) is larger than 'max_length' "
+                              f"({options.max_length}); tokens between windows would never be scored.")
         if not options.data:
             raise ConfigError("task 'perplexity' needs data: --task perplexity:data=corpus.txt (or .jsonl with a 'text' field).")
         dataset = load_rows(options.data, split=options.split, hf_config=options.config)
