@@ -77,13 +77,12 @@ def merge(
     """
     from mergelab import merge as merging
 
-    if dry_run:
-        plan, _ = _guard(lambda: merging.load_and_plan(config, seed))
-        typer.echo(merging.describe_plan(plan))
-        return
     options = merging.MergeOptions(
         device=device, threads=threads, out_shard_size=out_shard_size, force=force, seed=seed, progress=progress
     )
+    if dry_run:
+        typer.echo(_guard(lambda: merging.dry_run(config, options)))
+        return
     result = _guard(lambda: merging.run_merge(config, out_dir, options))
     typer.echo(f"merged {result.tensors} tensors in {result.seconds:.1f} s -> {result.out_dir}")
 

@@ -180,3 +180,24 @@ def test_cuda_without_a_gpu_is_a_clear_error(llama, tmp_path):
     result = CliRunner().invoke(app, ["merge", str(tmp_path / "recipe.yml"), str(tmp_path / "out"), "--device", "cuda"])
     assert result.exit_code == 2 and "CUDA is not available" in result.output
     assert not (tmp_path / "out").exists()
+
+@pytest.mark.parametrize("dry_run", [False, True])
+@pytest.mark.parametrize(
+    "option, expected",
+    [
+        (["--threads", "-3"], "--threads -3: give a positive number of CPU threads"),
+        (["--threads", "0"], "--threads 0: give a positive number of CPU threads"),
+        (["--out-shard-size", "0"], "--out-shard-size '0' is not a positive size"),
+        (["--device", "gpu"], "unknown device 'gpu'"),
+    ],
+)
+def test_bad_options_are_refused_before_any_work(llama, tmp_path, option, expected, dry_run):
+    config = {"models": [{"model": llama.path("ft1"), "parameters": {"weight": 1.0}}], "merge_method": "linear"}
+    (tmp_path / "recipe.yml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    args = ["merge", str(tmp_path / "recipe.yml"), str(out), "--no-progress", *option] + (["--dry-run"] if dry_run else [])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert expected in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yml"]
+

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,6 +107,43 @@ def test_output_directory_is_atomic(tmp_path):
         (temporary / "new.txt").write_text("new")
     assert sorted(p.name for p in destination.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("where", ["is the input", "contains the input"])
+def test_output_directory_never_replaces_its_inputs(tmp_path, where):
+    model = tmp_path / "models" / "ft1"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    destination = model if where == "is the input" else tmp_path / "models"
+    alias = tmp_path / "alias"
+    alias.symlink_to(model)  # the same input under another name: compared as resolved paths
+    for inputs in ([model], [alias]):
+        with pytest.raises(ConfigError, match=f"{where.split()[0]} the input '{re.escape(str(model))}'.*would delete that input"):
+            OutputDirectory(destination, force=True, inputs=inputs)
+    assert (model / "config.json").read_text() == "{}"
+    with OutputDirectory(tmp_path / "models" / "merged", force=True, inputs=[model]) as temporary:  # inside is fine
+        (temporary / "done.txt").write_text("complete")
+    assert (model / "config.json").exists() and (tmp_path / "models" / "merged" / "done.txt").exists()
+
+
+def test_output_directory_never_replaces_a_file(tmp_path):
+    destination = tmp_path / "notes.txt"
+    destination.write_text("precious")
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        OutputDirectory(destination, force=True)
+    assert destination.read_text() == "precious"
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_output_directory_in_an_unwritable_place_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="cannot create the output '/proc/merged'.*writable place"):
+        OutputDirectory("/proc/merged")
+
+
+@pytest.mark.parametrize("text", ["0", "0GB", "-5MB", "-3", "inf"])
+def test_parse_size_refuses_sizes_below_one_byte(text):
+    with pytest.raises(ConfigError, match="--out-shard-size"):
+        parse_size(text, "--out-shard-size")
 
 
 @pytest.mark.parametrize(

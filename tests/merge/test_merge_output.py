@@ -53,6 +53,7 @@ def test_files_beside_the_weights(llama, tmp_path):
     assert yaml.safe_load((out / "mergelab_config.yml").read_text()) == recipe
     card = (out / "README.md").read_text()
     assert "ties" in card and llama.path("ft1") in card and "(base)" in card
+    assert f"\n# {out.name}\n" in card and ".tmp-" not in card  # titled by the output, not its temporary name
 
 
 def test_small_shards_load_in_transformers(llama, tmp_path):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from mergelab.engine.task import TaskOutput, TensorSource, TensorTask
-from mergelab.errors import ComputeError, InputError
+from mergelab.errors import ComputeError, ConfigError, InputError
 from mergelab.io.writer import TensorSink
 
 log = logging.getLogger(__name__)
@@ -31,9 +31,16 @@ class RunStats:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # task name -> its op's metrics
 
 
+def check_threads(threads: int | None) -> None:
+    """Refuse a thread count torch cannot use (None means torch's default: all cores)."""
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads {threads}: give a positive number of CPU threads, or leave it out to use all cores.")
+
+
 def apply_threads(threads: int | None) -> None:
-    """Use ``threads`` torch threads for computing (None or 0: leave torch's default)."""
-    if threads:
+    """Use ``threads`` torch threads for computing (None: leave torch's default)."""
+    check_threads(threads)
+    if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
@@ -45,9 +52,15 @@ def resolve_device(device: str) -> Any:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {device} was requested but CUDA is not available on this machine; use --device cpu.")
     try:
-        return torch.device(device)
+        target = torch.device(device)
     except RuntimeError as exc:
         raise InputError(f"unknown device '{device}' ({exc}); use cpu or cuda.") from None
+    if target.type == "cuda" and target.index is not None and target.index >= torch.cuda.device_count():
+        raise InputError(
+            f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0; "
+            "use --device cuda or a number below that."
+        )
+    return target
 
 
 def _load(task: TensorTask, sources: Mapping[str, TensorSource], device: Any) -> tuple[list[Any], int]:

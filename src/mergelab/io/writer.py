@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 from mergelab.errors import ConfigError, InputError
 from mergelab.io.checkpoint import DTYPE_BYTES, INDEX_FILE, SAFETENSORS_DTYPES, SINGLE_FILE
@@ -29,20 +29,28 @@ TORCH_TO_SAFETENSORS = {torch_name: tag for tag, (torch_name, _) in SAFETENSORS_
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 
 
-def parse_size(text: str | int) -> int:
-    """Parse '5GB', '500MB', '2GiB', '1e9' or an int into bytes (KB/MB/GB are powers of 1000)."""
+def parse_size(text: str | int, option: str = "--out-shard-size") -> int:
+    """Parse '5GB', '500MB', '2GiB', '1e9' or an int into bytes (KB/MB/GB are powers of 1000); at least 1.
+
+    ``option`` names the setting in error messages.
+    """
     if isinstance(text, int):
-        return text
-    match = _SIZE_RE.match(str(text))
-    if not match:
-        try:
-            return int(float(text))
-        except ValueError:
-            raise ConfigError(f"cannot read size '{text}'; write it like 5GB, 500MB or 2GiB.") from None
-    number, unit, binary = match.groups()
-    base = 1024 if binary else 1000
-    power = " kmgt".index(unit.lower() or " ")
-    return int(float(number) * base**power)
+        size = text
+    else:
+        match = _SIZE_RE.match(str(text))
+        if match:
+            number, unit, binary = match.groups()
+            base = 1024 if binary else 1000
+            power = " kmgt".index(unit.lower() or " ")
+            size = int(float(number) * base**power)
+        else:
+            try:
+                size = int(float(text))
+            except (ValueError, OverflowError):
+                raise ConfigError(f"{option}: cannot read size '{text}'; write it like 5GB, 500MB or 2GiB.") from None
+    if size < 1:
+        raise ConfigError(f"{option} '{text}' is not a positive size; write it like 5GB, 500MB or 2GiB.")
+    return size
 
 
 @dataclass(frozen=True)
@@ -224,30 +232,56 @@ class LiveModelSink:
 class OutputDirectory:
     """Build a directory under a temporary name beside its destination; rename when complete.
 
-    ``with OutputDirectory(out, force=False) as tmp:`` — write into ``tmp``; on success the
-    destination appears atomically (an existing one is replaced only with ``force``); on
-    any error the temporary directory is removed and the destination is untouched.
+    ``with OutputDirectory(out, force=False, inputs=[...]) as tmp:`` — write into ``tmp``; on
+    success the destination appears atomically (an existing directory is replaced only with
+    ``force``); on any error the temporary directory is removed and the destination is
+    untouched. ``inputs`` are the files and directories the run reads: a destination that is
+    or contains one of them is refused even with ``force``, since replacing it would delete
+    the inputs.
     """
 
-    def __init__(self, destination: str | os.PathLike[str], force: bool = False):
+    def __init__(self, destination: str | os.PathLike[str], force: bool = False,
+                 inputs: Iterable[str | os.PathLike[str]] = ()):
         self.destination = Path(destination).expanduser().resolve()
         self.force = force
-        self.check()
+        self.inputs = [Path(path).expanduser().resolve() for path in inputs]
         self.temporary: Path | None = None
+        self.check()
+        os.rmdir(self._make_temporary())  # find out now, not after the work, whether the output can be made there
 
     def check(self) -> None:
-        if self.destination.exists() and not self.force:
+        destination = self.destination
+        for path in self.inputs:
+            if path == destination or destination in path.parents:
+                what = "is" if path == destination else "contains"
+                raise ConfigError(
+                    f"output directory '{destination}' {what} the input '{path}'; writing there would delete "
+                    "that input. Choose an output path outside every input."
+                )
+        if destination.exists() and not destination.is_dir():
             raise ConfigError(
-                f"output directory '{self.destination}' already exists; choose another path or pass --force to replace it."
+                f"output '{destination}' is a file, not a directory; choose another path (--force replaces only "
+                "directories)."
             )
-        if not self.destination.parent.exists():
-            raise ConfigError(f"parent directory of the output '{self.destination.parent}' does not exist.")
+        if destination.exists() and not self.force:
+            raise ConfigError(
+                f"output directory '{destination}' already exists; choose another path or pass --force to replace it."
+            )
+        if not destination.parent.is_dir():
+            raise ConfigError(f"parent directory of the output '{destination.parent}' does not exist.")
+
+    def _make_temporary(self) -> Path:
+        try:
+            return Path(tempfile.mkdtemp(prefix=f".{self.destination.name}.tmp-", dir=self.destination.parent))
+        except OSError as exc:
+            raise InputError(
+                f"cannot create the output '{self.destination}': {exc.strerror or exc} in "
+                f"'{self.destination.parent}'; choose a writable place for the output."
+            ) from None
 
     def __enter__(self) -> Path:
         self.check()
-        self.temporary = Path(
-            tempfile.mkdtemp(prefix=f".{self.destination.name}.tmp-", dir=self.destination.parent)
-        )
+        self.temporary = self._make_temporary()
         return self.temporary
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -127,8 +127,8 @@ def run_bake(base_reference: str, adapter_references: Sequence[str], out_dir: st
 
     options = options or LoraOptions()
     shard_bytes = parse_size(options.out_shard_size)
-    output = OutputDirectory(out_dir, force=options.force)
     plan = plan_bake(base_reference, adapter_references, weights)
+    output = OutputDirectory(out_dir, force=options.force, inputs=[s.path for s in plan.sources.values()])
     engine.resolve_device(options.device)
     engine.apply_threads(options.threads)
     with output as temporary:

@@ -259,9 +259,9 @@ def run_extract(base_reference: str, finetuned_reference: str, out_dir: str | Pa
     from mergelab.lora.factor import rank_for_energy
 
     options = options or LoraOptions()
-    output = OutputDirectory(out_dir, force=options.force)
     plan = plan_extract(base_reference, finetuned_reference, rank=rank, energy=energy, out_dtype=out_dtype,
                         error_threshold=error_threshold)
+    output = OutputDirectory(out_dir, force=options.force, inputs=[s.path for s in plan.sources.values()])
     engine.resolve_device(options.device)
     engine.apply_threads(options.threads)
     seconds = 0.0

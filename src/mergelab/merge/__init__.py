@@ -17,7 +17,10 @@ from mergelab.merge.plan import MergePlan, plan_merge
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MergeOptions", "MergePlan", "MergeResult", "describe_plan", "load_and_plan", "plan_merge", "run_merge"]
+__all__ = [
+    "MergeOptions", "MergePlan", "MergeResult", "check_options", "describe_plan", "dry_run", "load_and_plan",
+    "plan_merge", "run_merge",
+]
 
 
 @dataclass(frozen=True)
@@ -45,19 +48,35 @@ def load_and_plan(config_path: str | Path, seed: Optional[int] = None) -> tuple[
     return plan_merge(config, str(config_path), seed), text
 
 
+def check_options(options: MergeOptions) -> int:
+    """Check the device, thread count and shard size before any input is read; return the shard size in bytes."""
+    from mergelab import engine
+    from mergelab.io import parse_size
+
+    engine.resolve_device(options.device)
+    engine.check_threads(options.threads)
+    return parse_size(options.out_shard_size)
+
+
+def dry_run(config_path: str | Path, options: MergeOptions = MergeOptions()) -> str:
+    """Validate the options and the recipe against its inputs' headers; return the plan as text."""
+    check_options(options)
+    plan, _ = load_and_plan(config_path, options.seed)
+    return describe_plan(plan, options.prefetch)
+
+
 def run_merge(config_path: str | Path, out_dir: str | Path, options: MergeOptions = MergeOptions()) -> MergeResult:
     """Merge as ``config_path`` says into ``out_dir`` (written under a temporary name, then renamed)."""
     from mergelab import engine
-    from mergelab.io import OutputDirectory, ShardedWriter, parse_size
+    from mergelab.io import OutputDirectory, ShardedWriter
 
-    shard_bytes = parse_size(options.out_shard_size)
-    output = OutputDirectory(out_dir, force=options.force)
+    shard_bytes = check_options(options)
     seed = options.seed if options.seed is not None else secrets.randbelow(2**31)
     plan, text = load_and_plan(config_path, seed)
     if plan.seed is not None and options.seed is None:
         log.warning("no --seed given for random method %s; using seed %d (recorded in the model card)",
                     plan.method.name, seed)
-    engine.resolve_device(options.device)
+    output = OutputDirectory(out_dir, force=options.force, inputs=[config_path, *plan.input_paths()])
     engine.apply_threads(options.threads)
     with output as temporary:
         writer = ShardedWriter(temporary, plan.layout, shard_bytes)
@@ -65,7 +84,7 @@ def run_merge(config_path: str | Path, out_dir: str | Path, options: MergeOption
             plan.tasks, plan.checkpoints, writer, device=options.device,
             prefetch=options.prefetch, progress=options.progress,
         )
-        write_model_files(temporary, plan, text)
+        write_model_files(temporary, plan, text, output.destination.name)
     return MergeResult(output.destination, stats.tasks, stats.seconds, plan.seed)
 
 

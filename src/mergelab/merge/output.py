@@ -15,7 +15,12 @@ if TYPE_CHECKING:
 RECIPE_FILE = "mergelab_config.yml"
 
 
-def write_model_files(directory: Path, plan: "MergePlan", config_text: str) -> None:
+def write_model_files(directory: Path, plan: "MergePlan", config_text: str, name: str) -> None:
+    """Write config.json, the tokenizer, the recipe and a model card titled ``name`` into ``directory``.
+
+    ``directory`` is usually the temporary directory that becomes the output, so the card's
+    title is passed in: the destination's name, not the temporary one.
+    """
     (directory / "config.json").write_text(json.dumps(plan.out_config, indent=2, sort_keys=True) + "\n")
     built = plan.vocabulary.tokenizer if plan.vocabulary is not None else None
     if plan.tokenizer_model is not None:
@@ -25,7 +30,7 @@ def write_model_files(directory: Path, plan: "MergePlan", config_text: str) -> N
     if built is not None:  # a cropped or union vocabulary: the tokenizer that matches the merged rows
         built.save_pretrained(str(directory))
     (directory / RECIPE_FILE).write_text(config_text)
-    (directory / "README.md").write_text(model_card(plan, config_text, directory.name))
+    (directory / "README.md").write_text(model_card(plan, config_text, name))
 
 
 def model_card(plan: "MergePlan", config_text: str, name: str) -> str:
@@ -55,7 +60,7 @@ def model_card(plan: "MergePlan", config_text: str, name: str) -> str:
         lines.append(f"- `{reference}`{role}")
     lines += [
         "",
-        f"Output: {len(plan.tasks)} tensors, dtype {config.out_dtype or config.dtype or 'as the inputs'}.",
+        f"Output: {len(plan.tasks)} tensors, dtype {plan.out_config.get('dtype', 'as the inputs')}.",
         "",
         "## Recipe",
         "",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from mergelab.arch import embedding_name, head_names, is_vocab_tensor, parse_name, ties_embeddings, with_layer_index
@@ -17,6 +18,7 @@ from mergelab.config import MergeConfig, SettingScope, check_parameters, resolve
 from mergelab.engine import CopyInput, TensorRef, TensorTask
 from mergelab.errors import ConfigError, InputError
 from mergelab.io import Checkpoint, OutputTensor, open_model
+from mergelab.io.adapter import AdaptedModel
 from mergelab.merge.vocabulary import Vocabulary, plan_vocabulary
 from mergelab.methods import MergeMethod, get_method
 from mergelab.methods.call import MethodCall, tensor_seed
@@ -41,6 +43,15 @@ class MergePlan:
     @property
     def layout(self) -> list[OutputTensor]:
         return [output for task in self.tasks for output in task.outputs]
+
+    def input_paths(self) -> list[Path]:
+        """Every directory the merge reads: the models, and the adapters applied to them on the fly."""
+        paths = []
+        for checkpoint in self.checkpoints.values():
+            paths.append(checkpoint.path)
+            if isinstance(checkpoint, AdaptedModel):
+                paths.extend(adapter.path for adapter in checkpoint.adapters)
+        return paths
 
     def peak_bytes_estimate(self, prefetch: int = 2) -> int:
         """Resident tensor bytes at the worst point of the run.
