@@ -109,6 +109,29 @@ def cases(llama, broken) -> dict[str, tuple[dict, str]]:
             {"slices": [{"sources": [{"model": ft1, "layer_range": [0, 9]}]}], "merge_method": "passthrough"},
             "has only 4 layers",
         ),
+        # finite in float32, infinite once stored as float16 (|x| > 65504)
+        "overflow in out_dtype": (
+            {"models": [{"model": ft1, "parameters": {"weight": 1.0}}], "base_model": base,
+             "merge_method": "task_arithmetic", "parameters": {"lambda": 1e8}, "dtype": "float32",
+             "out_dtype": "float16"},
+            "values overflow float16; choose a wider out_dtype",
+        ),
+        "duplicate model": (
+            {"models": [{"model": ft1, "parameters": {"weight": 1.0}}, {"model": ft2, "parameters": {"weight": 1.0}},
+                        {"model": ft1 + "/", "parameters": {"weight": 0.5}}], "merge_method": "linear"},
+            f"models[0] and models[2] both read model '{ft1}/' ('{ft1}' and '{ft1}/' are the same model); "
+            "a merge takes each model once",
+        ),
+        "duplicate model in a slice": (
+            {"slices": [{"sources": [{"model": ft1, "layer_range": [0, 2]}, {"model": ft1, "layer_range": [2, 4]}]}],
+             "merge_method": "linear", "parameters": {"weight": 1.0}},
+            f"slices[0].sources[0] and slices[0].sources[1] both read model '{ft1}'",
+        ),
+        "multislerp zero weights": (
+            {"models": [{"model": ft1, "parameters": {"weight": 0.0}}, {"model": ft2, "parameters": {"weight": 0.0}}],
+             "merge_method": "multislerp"},
+            "multislerp weights are all zero",
+        ),
     }
 
 
@@ -116,6 +139,7 @@ CASE_NAMES = [
     "unknown method", "unknown parameter", "missing required parameter", "density out of range",
     "weight not a number", "model path missing", "not a model dir", "pickle weights", "missing tensor",
     "extra tensor", "non-finite output", "no base for ties", "misspelled field", "layer range too long",
+    "overflow in out_dtype", "duplicate model", "duplicate model in a slice", "multislerp zero weights",
 ]
 
 
@@ -180,6 +204,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(llama, tmp_path):
     result = CliRunner().invoke(app, ["merge", str(tmp_path / "recipe.yml"), str(tmp_path / "out"), "--device", "cuda"])
     assert result.exit_code == 2 and "CUDA is not available" in result.output
     assert not (tmp_path / "out").exists()
+
 
 @pytest.mark.parametrize("dry_run", [False, True])
 @pytest.mark.parametrize(

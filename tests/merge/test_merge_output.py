@@ -56,6 +56,20 @@ def test_files_beside_the_weights(llama, tmp_path):
     assert f"\n# {out.name}\n" in card and ".tmp-" not in card  # titled by the output, not its temporary name
 
 
+def test_config_names_the_stored_dtype_of_mixed_inputs(tmp_path):
+    """float16 + bfloat16 inputs without dtype: tensors are promoted to float32, and config.json says so."""
+    from mergelab.zoo.random_models import make_model
+
+    half = make_model(tmp_path / "half", "llama", seed=0, dtype="float16", layers=2)
+    brain = make_model(tmp_path / "brain", "llama", seed=1, dtype="bfloat16", layers=2)
+    recipe = {"models": [{"model": str(half), "parameters": {"weight": 1.0}},
+                         {"model": str(brain), "parameters": {"weight": 1.0}}], "merge_method": "linear"}
+    out = run_mergelab(recipe, tmp_path)
+    stored = {str(t.dtype).removeprefix("torch.") for t in load_model_tensors(out).values()}
+    config = json.loads((out / "config.json").read_text())
+    assert stored == {"float32"} and config["dtype"] == "float32"
+
+
 def test_small_shards_load_in_transformers(llama, tmp_path):
     from mergelab.merge import MergeOptions, run_merge
     from transformers import AutoModelForCausalLM

@@ -168,25 +168,39 @@ def _finish(task: TensorTask, produced: Any, stats: RunStats) -> list[Any]:
         raise ComputeError(f"task for '{task.name}' produced {len(tensors)} tensors, planned {len(task.outputs)}.")
     results = []
     for output, tensor in zip(task.outputs, tensors):
-        if tensor.is_floating_point() and not _all_finite(tensor):
-            raise ComputeError(
-                f"output tensor '{output.name}' contains NaN or infinite values. Check the inputs of this "
-                "tensor for non-finite values and the method's weights (e.g. weights summing to zero)."
-            )
         if tuple(tensor.shape) != output.shape:
             raise ComputeError(f"output tensor '{output.name}' has shape {tuple(tensor.shape)}, planned {output.shape}.")
-        results.append(tensor.to(dtype=getattr(torch, output.dtype)).cpu())
+        # Checked after the cast to the stored dtype (on the compute device, before the copy to
+        # the CPU): finite float32 values can still overflow float16's range of ±65504.
+        stored = tensor.to(dtype=getattr(torch, output.dtype))
+        if stored.is_floating_point() and not _all_finite(stored):
+            overflow = tensor.dtype != stored.dtype and _all_finite(tensor)
+            raise ComputeError(
+                f"output tensor '{output.name}' contains NaN or infinite values"
+                + (f": its values overflow {output.dtype}; choose a wider out_dtype (e.g. float32 or bfloat16) "
+                   "or smaller weights." if overflow else
+                   ". Check the inputs of this tensor for non-finite values and the method's weights "
+                   "(e.g. weights summing to zero).")
+            )
+        results.append(stored.cpu())
     return results
 
 
 def _all_finite(tensor: Any) -> bool:
-    """No NaN or infinite entry. A finite sum means every entry is finite (NaN and ±inf
-    propagate), and costs one pass without allocating; only a non-finite sum, which may
-    also be an overflow of finite values, needs the entry-wise check."""
+    """No NaN or infinite entry, in one pass that allocates nothing.
+
+    float16/bfloat16: the minimum and maximum are finite (NaN propagates through both; a sum
+    would first copy the tensor to float32). Otherwise: a finite float32/float64 sum means
+    every entry is finite, since NaN and ±inf propagate; only a non-finite sum, which may
+    also be an overflow of finite values, needs the entry-wise check.
+    """
     import math
 
     import torch
 
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        low, high = torch.aminmax(tensor)
+        return math.isfinite(float(low)) and math.isfinite(float(high))
     wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
     if math.isfinite(float(tensor.sum(dtype=wide))):
         return True

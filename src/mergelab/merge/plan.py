@@ -78,11 +78,12 @@ class MergePlan:
 
 @dataclass(frozen=True)
 class _Source:
-    """One input of an output slice: a model, its first layer, its parameter scopes."""
+    """One input of an output slice: a model, its first layer, its parameter scopes, the recipe field naming it."""
 
     model: str
     start: int
     scopes: tuple[SettingScope, ...]
+    field: str
 
 
 @dataclass(frozen=True)
@@ -139,11 +140,12 @@ class _Planner:
         config = self.config
         if config.models is not None:
             entries = [
-                _Source(e.model, 0, (SettingScope(e.parameters, f"{self.source}: models[{i}].parameters"), self.top))
+                _Source(e.model, 0, (SettingScope(e.parameters, f"{self.source}: models[{i}].parameters"), self.top),
+                        f"models[{i}]")
                 for i, e in enumerate(config.models)
             ]
             if config.base_model and config.base_model not in {e.model for e in entries}:
-                entries.append(_Source(config.base_model, 0, (self.top,)))
+                entries.append(_Source(config.base_model, 0, (self.top,), "base_model"))
             lengths = {e.model: self._num_layers(e.model) for e in entries}
             if len(set(lengths.values())) > 1:
                 detail = ", ".join(f"{m}: {n}" for m, n in lengths.items())
@@ -171,6 +173,7 @@ class _Planner:
                         src.model,
                         start,
                         (SettingScope(src.parameters, f"{where}.sources[{j}].parameters"), scope, self.top),
+                        f"slices[{index}].sources[{j}]",
                     )
                 )
             lengths = {s.layer_range[1] - s.layer_range[0] for s in output_slice.sources}
@@ -195,6 +198,7 @@ class _Planner:
     def check_contract(self, output_slice: _Slice) -> None:
         method = self.method
         models = [s.model for s in output_slice.sources]
+        self.check_duplicates(output_slice)
         if method.needs_base and output_slice.base is None:
             raise ConfigError(f"{self.source}: merge_method {method.name} needs a base_model; add 'base_model:'.")
         with_base = method.uses_base and output_slice.base is not None
@@ -207,6 +211,28 @@ class _Planner:
             )
             what = "models besides the base" if with_base else "models"
             raise ConfigError(f"{output_slice.where}: merge_method {method.name} takes {wanted} {what}, got {count}.")
+
+    def check_duplicates(self, output_slice: _Slice) -> None:
+        """Each model enters a merge once (mergekit: "Duplicate merge inputs"); a second entry would
+        silently double its weight, or, for a slice, merge a model's layers with its own other layers."""
+        seen: dict[Any, _Source] = {}
+        for source in output_slice.sources:
+            first = seen.setdefault(self.identity(source.model), source)
+            if first is not source:
+                same = "" if first.model == source.model else f" ('{first.model}' and '{source.model}' are the same model)"
+                raise ConfigError(
+                    f"{self.source}: {first.field} and {source.field} both read model '{source.model}'{same}; "
+                    "a merge takes each model once. Remove the duplicate (to give a model more weight, raise its "
+                    "weight instead)."
+                )
+
+    def identity(self, model: str) -> tuple[Any, ...]:
+        """What makes two references the same input: its directory, and the adapters applied to it."""
+        checkpoint = self.checkpoints[model]
+        if isinstance(checkpoint, AdaptedModel):
+            adapters = tuple((adapter.path.resolve(), weight) for adapter, weight in zip(checkpoint.adapters, checkpoint.weights))
+            return checkpoint.base.path.resolve(), adapters
+        return checkpoint.path.resolve(), ()
 
     def plan_tensor(self, output_slice: _Slice, output: str, names: Sequence[str], t: float) -> None:
         """One output tensor from ``names[i]`` of ``output_slice.sources[i]``."""
@@ -351,13 +377,25 @@ def _is_pre_layers(role: str) -> bool:
     return role in ("embed", "position_embed")
 
 
-def _output_config(plan_config: MergeConfig, checkpoints: dict[str, Checkpoint], reference: str,
-                   layer_sources: list[tuple[str, int]], vocabulary: Optional[Vocabulary] = None) -> dict[str, Any]:
+def _stored_dtype(layout: Sequence[OutputTensor]) -> Optional[str]:
+    """The dtype the written weights are stored in: of the floating-point outputs, the one holding the most bytes
+    (all of them when the recipe sets dtype or out_dtype; mixed-dtype inputs are promoted per tensor)."""
+    import torch
+
+    sizes: dict[str, int] = {}
+    for output in layout:
+        if getattr(torch, output.dtype).is_floating_point:
+            sizes[output.dtype] = sizes.get(output.dtype, 0) + output.nbytes
+    return max(sizes, key=sizes.__getitem__) if sizes else None
+
+
+def _output_config(checkpoints: dict[str, Checkpoint], reference: str, layer_sources: list[tuple[str, int]],
+                   layout: Sequence[OutputTensor], vocabulary: Optional[Vocabulary] = None) -> dict[str, Any]:
     """config.json of the result: the reference model's, with dtype, layer count and vocabulary size updated."""
     out = copy.deepcopy(checkpoints[reference].config)
     if vocabulary is not None:
         out["vocab_size"] = vocabulary.rows
-    dtype = plan_config.out_dtype or plan_config.dtype
+    dtype = _stored_dtype(layout)
     if dtype:
         out["dtype"] = dtype
         if "torch_dtype" in out:
@@ -397,7 +435,9 @@ def plan_merge(config: MergeConfig, source: str = "<config>", seed: Optional[int
         method=planner.method,
         checkpoints=planner.checkpoints,
         tasks=tasks,
-        out_config=_output_config(config, planner.checkpoints, reference, layer_sources, planner.vocabulary),
+        out_config=_output_config(
+            planner.checkpoints, reference, layer_sources, [o for t in tasks for o in t.outputs], planner.vocabulary
+        ),
         tokenizer_model=tokenizer_model,
         seed=seed if planner.method.random else None,
         vocabulary=planner.vocabulary,

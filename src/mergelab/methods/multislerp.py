@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mergelab.errors import ComputeError
+from mergelab.errors import ComputeError, ConfigError
 from mergelab.methods.numerics import combine, compute_dtype, gram
 from mergelab.methods.registry import Param, merge_method
 
@@ -29,6 +29,17 @@ def multislerp_coefficients(products: torch.Tensor, weights: torch.Tensor, eps: 
     return direction * (norms * weights).sum()
 
 
+def _check_weights(params: dict, where: str) -> None:
+    weights = params["weight"]
+    if all(weight == 0 for weight in weights):
+        raise ConfigError(f"{where}: multislerp weights are all zero; give at least one model a nonzero weight.")
+    if params.get("normalize_weights", True) and abs(sum(weights)) < 1e-12:
+        raise ConfigError(
+            f"{where}: multislerp weights sum to zero, so normalize_weights would divide by zero; "
+            "change the weights or set normalize_weights: false."
+        )
+
+
 @merge_method(
     "multislerp",
     task_vector=True,
@@ -42,6 +53,7 @@ def multislerp_coefficients(products: torch.Tensor, weights: torch.Tensor, eps: 
     paper="Goddard, Multi-SLERP https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
     differs_from_mergekit="norms and angles come from inner products accumulated in float64; half-precision inputs "
     "are computed in float32 and rounded once",
+    check=_check_weights,
 )
 def multislerp(tensors, base=None, *, weight, normalize_weights=True, eps=1e-8):
     """Weighted spherical barycentre of the (task) vectors, scaled to their weighted mean norm.
