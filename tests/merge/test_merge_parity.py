@@ -264,6 +264,28 @@ def test_matches_mergekit(recipe, family, model_sets, tmp_path):
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_slerp_extrapolation_and_half_precision_match_mergekit(llama, tmp_path, dtype):
+    """t outside [0, 1] extrapolates as in mergekit; half-precision inputs stay half precision in both."""
+    config = {
+        "models": [{"model": llama.path("base")}, {"model": llama.path("ft1")}],
+        "base_model": llama.path("base"),
+        "merge_method": "slerp",
+        "parameters": {"t": [{"filter": "mlp", "value": -0.4}, {"value": 1.3}]},
+        "dtype": dtype,
+    }
+    ours = load_model_tensors(run_mergelab(config, tmp_path))
+    theirs = run_mergekit(config, tmp_path / "mergekit")
+    ft1 = load_model_tensors(llama.path("ft1"))
+    name = "model.layers.1.self_attn.q_proj.weight"
+    assert not torch.allclose(ours[name], ft1[name].to(ours[name].dtype))  # beyond the other model, not at it
+    assert sorted(ours) == sorted(theirs)
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == "float32" else {"rtol": 1e-3, "atol": 1e-5}
+    for name in theirs:
+        assert ours[name].dtype == theirs[name].dtype == getattr(torch, dtype), name
+        torch.testing.assert_close(ours[name], theirs[name], **tolerance, msg=name)
+
+
 def test_merge_changes_weights(llama, tmp_path):
     """Guard against a vacuous parity: the merge differs from every input."""
     ours = load_model_tensors(run_mergelab(ties_config(llama), tmp_path))

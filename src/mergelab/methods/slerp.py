@@ -14,7 +14,7 @@ NORM_EPS = 1e-8
 
 
 def slerp_tensors(t: float, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
-    """Interpolate along the great circle from ``start`` (t=0) to ``end`` (t=1).
+    """Interpolate along the great circle from ``start`` (t=0) to ``end`` (t=1); extrapolate beyond.
 
     With flattened tensors a, b and cos Ω = ⟨a/‖a‖, b/‖b‖⟩ (clamped to [−1, 1]):
         θ = sin((1−t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b,   or (1−t)a + tb when |cos Ω| > 0.9995.
@@ -37,13 +37,18 @@ def slerp_tensors(t: float, start: torch.Tensor, end: torch.Tensor) -> torch.Ten
 
 @merge_method(
     "slerp",
-    params=(Param("t", low=0.0, high=1.0, help="interpolation position: 0 = base model, 1 = the other"),),
+    params=(
+        Param("t", help="interpolation position: 0 = base model, 1 = the other; outside [0, 1] extrapolates"),
+    ),
     min_models=1,
     max_models=1,
     paper="Shoemake, Animating rotation with quaternion curves (1985); https://en.wikipedia.org/wiki/Slerp",
-    differs_from_mergekit="output keeps the working dtype (mergekit writes float32 for half-precision inputs unless out_dtype is set)",
 )
 def slerp(tensors, base, *, t):
-    """θ = slerp(θ_base, θ_1; t), per tensor, flattened; lerp when |cos| > 0.9995."""
+    """θ = slerp(θ_base, θ_1; t), per tensor, flattened; lerp when |cos| > 0.9995.
+
+    Any finite t is accepted, as in mergekit: outside [0, 1] the same formula continues along the
+    great circle (or the line), an extrapolation away from one model.
+    """
     (other,) = tensors
     return slerp_tensors(t, base, other).to(base.dtype)
