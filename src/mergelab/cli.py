@@ -27,17 +27,41 @@ T = TypeVar("T")
 _state = {"verbose": False}
 
 
+def _configure_logging(verbose: bool, quiet: bool) -> None:
+    _state["verbose"] = verbose
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.NOTSET if verbose else logging.WARNING)
+
+
 @app.callback()
 def _global(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logs, and full tracebacks on errors."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
 ) -> None:
-    _state["verbose"] = verbose
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if not verbose:
-        for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    _configure_logging(verbose, quiet)
+
+
+def _verbose_after_command(given: bool) -> None:
+    if given:
+        _configure_logging(True, False)
+        logging.getLogger().setLevel(logging.DEBUG)  # basicConfig already ran for the top-level flags
+
+
+def _quiet_after_command(given: bool) -> None:
+    if given:
+        _configure_logging(False, True)
+        logging.getLogger().setLevel(logging.WARNING)
+
+
+# The same two flags after a subcommand (`mergelab merge r.yml out -v`): every command declares
+# them; their callbacks act only when the flag is given, so they never undo one given before
+# the subcommand.
+VERBOSE = typer.Option(False, "--verbose", "-v", help="Debug logs, and full tracebacks on errors.",
+                       callback=_verbose_after_command, expose_value=False)
+QUIET = typer.Option(False, "--quiet", "-q", help="Only warnings and errors.", callback=_quiet_after_command,
+                     expose_value=False)
 
 
 def _guard(action: Callable[[], T]) -> T:
@@ -67,6 +91,7 @@ def merge(
     force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it exists."),
     seed: Optional[int] = typer.Option(None, help="Seed for random methods (DARE, DELLA); same seed, same merge."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    verbose: bool = VERBOSE, quiet: bool = QUIET,
 ) -> None:
     """Merge checkpoints as CONFIG says and write a Hugging Face model to OUT_DIR.
 
@@ -119,6 +144,7 @@ def lora_merge(
     force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it exists."),
     seed: Optional[int] = typer.Option(None, help="Seed for random methods (DARE); same seed, same merge."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    verbose: bool = VERBOSE, quiet: bool = QUIET,
 ) -> None:
     """Merge PEFT LoRA adapters as CONFIG says and write one PEFT adapter to OUT_DIR.
 
@@ -153,6 +179,7 @@ def lora_bake(
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print which tensors change; write nothing."),
     force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it exists."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    verbose: bool = VERBOSE, quiet: bool = QUIET,
 ) -> None:
     """Write BASE + Σ w_i·ΔW_i as a full Hugging Face model to OUT_DIR.
 
@@ -197,6 +224,7 @@ def lora_extract(
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the modules and ranks; write nothing."),
     force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it exists."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    verbose: bool = VERBOSE, quiet: bool = QUIET,
 ) -> None:
     """Extract a PEFT LoRA adapter from FINETUNED by truncated SVD of FINETUNED − BASE.
 
@@ -243,6 +271,7 @@ def eval_command(
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Result cache directory (default: $MERGELAB_CACHE_DIR or ~/.cache/mergelab/eval)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the result cache."),
     items: bool = typer.Option(True, "--items/--no-items", help="Keep per-item records in the results JSON."),
+    verbose: bool = VERBOSE, quiet: bool = QUIET,
 ) -> None:
     """Evaluate MODEL on one or more tasks; print the metrics and write a results JSON.
 
@@ -306,6 +335,7 @@ def zoo_build(
     force: bool = typer.Option(False, "--force", help="Rebuild even if a finished build exists."),
     workers: Optional[int] = typer.Option(None, help="Training processes (default: up to 2)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar per stage."),
+    verbose: bool = VERBOSE, quiet: bool = QUIET,
 ) -> None:
     """Train the zoo (deterministic from its seed, CPU only) and measure every model.
 
@@ -321,7 +351,10 @@ def zoo_build(
 
 
 @zoo_app.command("list")
-def zoo_list(size: str = typer.Option("tiny", help="Which zoo size to list.")) -> None:
+def zoo_list(
+    size: str = typer.Option("tiny", help="Which zoo size to list."),
+    verbose: bool = VERBOSE, quiet: bool = QUIET,
+) -> None:
     """List the zoo's models, adapters and datasets with their measured quality."""
     from mergelab.zoo.catalog import describe
 
@@ -329,7 +362,10 @@ def zoo_list(size: str = typer.Option("tiny", help="Which zoo size to list.")) -
 
 
 @zoo_app.command("path")
-def zoo_path(name: str = typer.Argument(..., help="A zoo name, e.g. zoo:tiny/expert-caesar3 or tiny/caesar3:test.")) -> None:
+def zoo_path(
+    name: str = typer.Argument(..., help="A zoo name, e.g. zoo:tiny/expert-caesar3 or tiny/caesar3:test."),
+    verbose: bool = VERBOSE, quiet: bool = QUIET,
+) -> None:
     """Print the local path of a zoo model, adapter or dataset split."""
     from mergelab.zoo.catalog import resolve_any
 
@@ -345,6 +381,7 @@ def demo(
     ),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    verbose: bool = VERBOSE, quiet: bool = QUIET,
 ) -> None:
     """Merge zoo experts with task arithmetic, TIES and DARE-TIES, and measure what survives.
 

@@ -226,3 +226,16 @@ def test_bad_options_are_refused_before_any_work(llama, tmp_path, option, expect
     assert expected in result.output and "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yml"]
 
+
+@pytest.mark.parametrize("flag", ["-v", "--verbose"])
+def test_verbose_works_after_the_subcommand(tmp_path, flag):
+    config = {"models": [{"model": "/no/such/model", "parameters": {"weight": 1.0}}], "merge_method": "linear"}
+    (tmp_path / "recipe.yml").write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(app, ["merge", str(tmp_path / "recipe.yml"), str(tmp_path / "out"), flag])
+    assert result.exit_code != 0
+    assert result.exception is not None and "does not exist" in str(result.exception)
+    result = CliRunner().invoke(app, ["lora", "bake", "/no/such/base", "/no/such/adapter", str(tmp_path / "o"), flag])
+    assert result.exception is not None and "does not exist" in str(result.exception)
+    # without the flag the same errors stay short, whatever the previous invocation set
+    result = CliRunner().invoke(app, ["merge", str(tmp_path / "recipe.yml"), str(tmp_path / "out")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
