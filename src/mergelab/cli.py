@@ -286,12 +286,8 @@ def eval_command(
         rows = _guard(lambda: evaluation.compare_results(evaluation.read_results(first), evaluation.read_results(second)))
         typer.echo(evaluation.format_comparison(rows, str(first), str(second)))
         return
-    if out is not None and not out.expanduser().parent.is_dir():
-        typer.secho(f"error: the directory of --out '{out}' does not exist.", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2)
-    if out is not None and out.expanduser().exists() and not force:
-        typer.secho(f"error: --out '{out}' already exists; pass --force to replace it.", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2)
+    if out is not None:
+        _guard(lambda: evaluation.check_results_path(out, overwrite=force))  # before any work
     if model is None and samples is None:
         typer.secho("error: give a MODEL directory (or --samples FILE with --task humaneval, or --compare A B).",
                     err=True, fg=typer.colors.RED)

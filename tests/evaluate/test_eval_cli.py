@@ -98,6 +98,8 @@ def test_bad_input_exits_2_with_file_and_line(tiny_dir, tmp_path):
     assert invoke("--task", "choice:x.jsonl").exit_code == 2  # no model
     missing_dir = invoke(str(tiny_dir), "--task", f"choice:{broken}", "--out", str(tmp_path / "no" / "r.json"))
     assert missing_dir.exit_code == 2 and "does not exist" in missing_dir.output
+    folder = invoke(str(tiny_dir), "--task", "nonsense", "--out", str(tmp_path), "--force")  # refused before the task
+    assert folder.exit_code == 2 and "is a directory" in folder.output
     unknown = invoke(str(tiny_dir), "--task", "nonsense", "--no-cache")
     assert unknown.exit_code == 2 and "unknown task 'nonsense'" in unknown.output
 
