@@ -201,6 +201,7 @@ class Runner:
             self.stats.load_seconds = time.perf_counter() - started
         if not hasattr(self, "_keeps_last"):
             self._keeps_last, self._keeps_mask = logits_to_keep_support(self._model)
+            self._cache_argument = cache_argument(self._model)
 
     @property
     def model(self) -> Any:
@@ -308,7 +309,7 @@ class Runner:
                 f"the model returned logits for {logits.shape[0]} positions where {int(keep.sum())} were asked for; "
                 f"{type(model).__name__} handles logits_to_keep in a way mergelab does not understand."
             )
-        return torch.log_softmax(logits.float(), dim=-1), getattr(output, "past_key_values", None)
+        return torch.log_softmax(logits.float(), dim=-1), output_cache(output)
 
     # ---- log-likelihood ----------------------------------------------------------------------------
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
@@ -402,8 +403,8 @@ class Runner:
             attention = torch.cat([context_mask[rows], tail_mask], dim=1).long()
             position_ids = lengths[rows][:, None] + torch.arange(width, device=device)[None, :]
             logprobs, _ = self._forward(
-                input_ids, tail_mask, past_key_values=_select_cache(past, rows), attention_mask=attention,
-                position_ids=position_ids, use_cache=True,
+                input_ids, tail_mask, attention_mask=attention, position_ids=position_ids, use_cache=True,
+                **{self._cache_argument: _select_cache(past, rows)},
             )
             greedy = logprobs.argmax(dim=-1)
             offset = 0
@@ -585,7 +586,7 @@ class Runner:
         if self._keeps_last:
             kwargs["logits_to_keep"] = 1
         output = self.model(input_ids=input_ids, **kwargs)
-        past = output.past_key_values
+        past = output_cache(output)
         logits = output.logits[:, -1, :].float()
         last_position = positions[:, -1]
         longest = max(p.max_new_tokens for p in params)
@@ -621,12 +622,12 @@ class Runner:
             last_position = last_position + 1
             step_kwargs: dict[str, Any] = {
                 "attention_mask": attention, "position_ids": last_position[:, None], "use_cache": True,
-                "past_key_values": past,
+                self._cache_argument: past,
             }
             if self._keeps_last:
                 step_kwargs["logits_to_keep"] = 1
             output = self.model(input_ids=torch.tensor(next_tokens, device=device)[:, None], **step_kwargs)
-            past = output.past_key_values
+            past = output_cache(output)
             logits = output.logits[:, -1, :].float()
         return [text if text is not None else decoder.text(tokens)
                 for text, decoder, tokens in zip(texts, decoders, generated)]
@@ -745,6 +746,26 @@ def _select_cache(past: Any, rows: Any) -> Any:
         f"this model returns a KV cache of type {type(past).__name__}, which mergelab cannot select rows of; "
         "please report the model architecture and your transformers version."
     )
+
+
+def cache_argument(model: Any) -> str:
+    """The keyword this model's forward takes its KV cache by: ``cache`` (recent transformers) or ``past_key_values``.
+
+    Passing the old name to a new model works but logs a deprecation warning on every run.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+    except (TypeError, ValueError):
+        return "past_key_values"
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a forward returned, under its new name (``cache``) or its old one."""
+    try:
+        return output.cache
+    except AttributeError:  # transformers before the rename
+        return getattr(output, "past_key_values", None)
 
 
 def logits_to_keep_support(model: Any) -> tuple[bool, bool]:
