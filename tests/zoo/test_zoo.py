@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -149,10 +149,10 @@ def test_zoo_cli_list_and_path(pico):
     runner = CliRunner()
     listed = runner.invoke(app, ["zoo", "list", "--size", "pico"])
     assert listed.exit_code == 0 and "zoo:pico/expert-caesar1" in listed.output and "exact match" in listed.output
-    path = runner.invoke(app, ["zoo", "path", "zoo:pico/adapter-reverse"])
-    assert path.exit_code == 0 and Path(path.output.strip()) == pico / "adapters/adapter-reverse"
-    split = runner.invoke(app, ["zoo", "path", "pico/reverse:test"])
-    assert Path(split.output.strip()) == pico / "data/skills/reverse/test.jsonl"
+    path = runner.invoke(app, ["zoo", "path", "zoo:pico/adapter-vowels"])
+    assert path.exit_code == 0 and Path(path.output.strip()) == pico / "adapters/adapter-vowels"
+    split = runner.invoke(app, ["zoo", "path", "pico/vowels:test"])
+    assert Path(split.output.strip()) == pico / "data/skills/vowels/test.jsonl"
     unknown = runner.invoke(app, ["zoo", "path", "zoo:pico/expert-juggling"])
     assert unknown.exit_code == 2 and "no model or adapter 'expert-juggling'" in unknown.output
 
@@ -173,6 +173,26 @@ def test_splits_are_disjoint_and_deterministic():
         assert len(first.test) == 40
 
 
+def test_the_tiny_base_learns_skills_as_plain_text_and_never_as_chat_answers(tmp_path):
+    """The tiny recipe's design (see recipes.py): every skill's training items in plain form, none in chat form."""
+    from mergelab.zoo.tokenizer import build_tokenizer, encode_plain
+
+    recipe = RECIPES["tiny"]
+    write_datasets(tmp_path, recipe)
+    rows = read_jsonl(tmp_path / "data/base/train.jsonl")
+    plain = [row for row in rows if row.get("form") == "plain"]
+    assert {row["source"] for row in plain} == set(recipe.skills)
+    assert len(plain) == recipe.latent_examples * len(recipe.skills)
+    assert not [row for row in rows if row["source"] in recipe.skills and row.get("form") != "plain"]
+    tests = {row["prompt"] for row in read_jsonl(tmp_path / "data/skills/upper/test.jsonl")}
+    assert not tests & {row["prompt"] for row in plain if row["source"] == "upper"}  # held out in both forms
+    tokenizer = build_tokenizer()
+    prompt, answer = encode_plain(tokenizer, "caesar3: abc", "def")
+    assert tokenizer.decode(prompt) == "<s>caesar3: abc = " and tokenizer.decode(answer) == "def\n"
+    with pytest.raises(ValueError, match="share"):
+        replace(recipe, latent_examples=0)  # a share with nothing to draw from
+
+
 def test_data_and_training_are_deterministic(pico, tmp_path):
     """Same seed, same data files and same weights."""
     from safetensors.torch import load_file
@@ -182,9 +202,10 @@ def test_data_and_training_are_deterministic(pico, tmp_path):
         write_datasets(tmp_path / name, recipe)
     for file in sorted((tmp_path / "a").rglob("*.jsonl")):
         assert file.read_bytes() == (tmp_path / "b" / file.relative_to(tmp_path / "a")).read_bytes(), file
-    job = {"name": "expert-reverse", "base": str(pico / "models/base"), "answer_field": "answer",
-           "data": str(pico / "data/skills/reverse/train.jsonl"), "adapter": False, "rank": 8, "alpha": 16,
-           "schedule": asdict(Schedule(steps=5, lr=3e-3, batch_size=16)), "seed": 11}
+    job = {"name": "expert-vowels", "base": str(pico / "models/base"), "answer_field": "answer",
+           "data": str(pico / "data/skills/vowels/train.jsonl"), "adapter": False, "rank": 8, "alpha": 16,
+           "schedule": asdict(Schedule(steps=5, lr=3e-3, batch_size=16)), "seed": 11,
+           "replay": 0.5, "replay_data": str(pico / "data/base/train.jsonl")}
     weights = []
     for name in ("one", "two"):
         train_job({**job, "out": str(tmp_path / name)})
@@ -194,28 +215,36 @@ def test_data_and_training_are_deterministic(pico, tmp_path):
 
 def test_demo_runs_on_pico_and_reports_measured_numbers(pico, tmp_path):
     out = tmp_path / "demo"
-    result = CliRunner().invoke(app, ["demo", "--size", "pico", "--skill", "caesar1", "--skill", "reverse",
+    result = CliRunner().invoke(app, ["demo", "--size", "pico", "--skill", "caesar1", "--skill", "vowels",
                                       "--out", str(out), "--no-progress"])
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
-    assert set(results["scores"]) == {"base", "expert-caesar1", "expert-reverse", "merge-task_arithmetic",
+    assert set(results["scores"]) == {"base", "expert-caesar1", "expert-vowels", "merge-task_arithmetic",
                                       "merge-ties", "merge-dare_ties"}
     # the experts' scores are the harness's, and agree with the manifest's measurement of the same split
     manifest = json.loads((pico / "manifest.json").read_text())
-    expert = results["scores"]["expert-reverse"]["reverse"]
-    assert expert["value"] == pytest.approx(manifest["evaluations"]["expert-reverse"]["reverse"]["exact_match"]["value"], abs=1e-4)
-    assert expert["n"] == len(read_jsonl(pico / "data/skills/reverse/test.jsonl"))
+    expert = results["scores"]["expert-vowels"]["vowels"]
+    assert expert["exact_match"]["value"] == pytest.approx(
+        manifest["evaluations"]["expert-vowels"]["vowels"]["exact_match"]["value"], abs=1e-4)
+    assert expert["exact_match"]["n"] == len(read_jsonl(pico / "data/skills/vowels/test.jsonl"))
+    assert expert["exact_match"]["value"] <= expert["edit_similarity"]["value"] <= 1.0  # exact answers score 1 on both
     report = (out / "report.md").read_text()
-    assert f"| expert-reverse | {results['scores']['expert-reverse']['caesar1']['value']:.2f} | {expert['value']:.2f} |" in report
+    other = results["scores"]["expert-vowels"]["caesar1"]
+    assert f"| expert-vowels | {other['exact_match']['value']:.2f} | {expert['exact_match']['value']:.2f} |" in report
+    assert f"| expert-vowels | {other['edit_similarity']['value']:.2f} | {expert['edit_similarity']['value']:.2f} |" in report
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "models" / "ties" / "model.safetensors").exists()
     # an existing OUT is refused before any work, and an unknown skill names the choices
     again = CliRunner().invoke(app, ["demo", "--size", "pico", "--out", str(out), "--skill", "caesar1",
-                                     "--skill", "reverse", "--no-progress"])
+                                     "--skill", "vowels", "--no-progress"])
     assert again.exit_code == 2 and "--force" in again.output
-    unknown = CliRunner().invoke(app, ["demo", "--size", "pico", "--skill", "juggling", "--skill", "reverse",
+    unknown = CliRunner().invoke(app, ["demo", "--size", "pico", "--skill", "juggling", "--skill", "vowels",
                                        "--out", str(tmp_path / "x"), "--no-progress"])
     assert unknown.exit_code == 2 and "caesar1" in unknown.output and not (tmp_path / "x").exists()
+    # --force never replaces the zoo the demo reads
+    onto_zoo = CliRunner().invoke(app, ["demo", "--size", "pico", "--out", str(pico), "--force", "--skill", "caesar1",
+                                        "--skill", "vowels", "--no-progress"])
+    assert onto_zoo.exit_code == 2 and (pico / "manifest.json").is_file()
 
 
 def test_a_different_zoo_in_out_is_not_returned_as_this_one(tmp_path):

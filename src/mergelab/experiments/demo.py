@@ -2,10 +2,11 @@
 
 1. builds (or finds) the zoo — ``tiny`` by default;
 2. merges a handful of skill experts with ``task_arithmetic``, ``ties`` and ``dare_ties``
-   through the same engine as ``mergelab merge``;
+   through the same engine as ``mergelab merge`` — and, for contrast, the first two alone;
 3. evaluates the base, each expert and each merge on every chosen skill's test split
-   (exact match, with 95% bootstrap intervals) with mergelab's evaluation harness;
-4. writes ``results.json``, ``accuracy.png`` (per-skill accuracy per model) and
+   (exact match, and edit similarity for partial credit, with 95% bootstrap intervals)
+   with mergelab's evaluation harness;
+4. writes ``results.json``, ``accuracy.png`` (both metrics per skill and model) and
    ``report.md`` whose every number comes from this run.
 """
 
@@ -18,6 +19,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+METRICS = ("exact_match", "edit_similarity")
 DEFAULT_SKILLS = ("caesar3", "upper", "reverse", "sort", "capital")
 METHODS: dict[str, dict[str, Any]] = {
     # per-model parameters applied to every expert, and global parameters
@@ -25,6 +27,15 @@ METHODS: dict[str, dict[str, Any]] = {
     "ties": {"model": {"weight": 1.0, "density": 0.4}, "global": {"lambda": 1.0}},
     "dare_ties": {"model": {"weight": 1.0, "density": 0.4}, "global": {"lambda": 1.0}},
 }
+
+
+def merges(skills: Sequence[str]) -> list[tuple[str, str, list[str]]]:
+    """(model name, method, skills merged): every method on all the experts (``merge-<method>``) and,
+    for contrast, on the first two alone (``pair-<method>``), when there are more than two."""
+    planned = [(f"merge-{method}", method, list(skills)) for method in METHODS]
+    if len(skills) > 2:
+        planned += [(f"pair-{method}", method, list(skills[:2])) for method in METHODS]
+    return planned
 
 
 def merge_recipe(size: str, skills: Sequence[str], method: str) -> dict[str, Any]:
@@ -58,7 +69,10 @@ def run_demo(size: str = "tiny", out: str | Path = "demo-results", skills: Seque
         raise ConfigError(f"the demo merges two or more skills of the '{size}' zoo"
                           + (f"; it has no skill {', '.join(missing)}" if missing else "")
                           + f". Its skills: {', '.join(RECIPES[size].skills)}.")
-    output = OutputDirectory(out, force=force)  # refuses an existing OUT before any work
+    from mergelab.zoo.catalog import build_dir
+
+    # Refuses an existing OUT before any work, and never an OUT that is or holds the zoo.
+    output = OutputDirectory(out, force=force, inputs=[build_dir(size)])
     zoo_dir = build(size, progress=progress)
     manifest = json.loads((zoo_dir / "manifest.json").read_text())
     with output as root:
@@ -67,14 +81,15 @@ def run_demo(size: str = "tiny", out: str | Path = "demo-results", skills: Seque
             models[f"expert-{skill}"] = resolve_artifact(f"zoo:{size}/expert-{skill}")
         recipes = {}
         (root / "models").mkdir()
-        for method in METHODS:
-            recipe = merge_recipe(size, skills, method)
-            recipe_path = root / "recipes" / f"{method}.yml"
-            recipe_path.parent.mkdir(parents=True, exist_ok=True)
-            recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-            result = run_merge(recipe_path, root / "models" / method, MergeOptions(seed=seed, progress=progress))
-            models[f"merge-{method}"] = result.out_dir
-            recipes[method] = recipe
+        (root / "recipes").mkdir()
+        for name, method, merged in merges(skills):
+            recipe = merge_recipe(size, merged, method)
+            stem = method if name.startswith("merge-") else f"{method}-pair"  # recipes/ties.yml, ties-pair.yml
+            (root / "recipes" / f"{stem}.yml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+            result = run_merge(root / "recipes" / f"{stem}.yml", root / "models" / stem,
+                               MergeOptions(seed=seed, progress=progress))
+            models[name] = result.out_dir
+            recipes[name] = recipe
         scores = evaluate_models(models, zoo_dir, manifest, skills, progress)
         results = {
             "zoo": {"size": size, "path": str(zoo_dir), "content_hash": manifest["content_hash"]},
@@ -92,7 +107,7 @@ def run_demo(size: str = "tiny", out: str | Path = "demo-results", skills: Seque
 
 def evaluate_models(models: dict[str, Path], zoo_dir: Path, manifest: dict, skills: Sequence[str],
                     progress: bool) -> dict[str, dict[str, Any]]:
-    """Exact match of every model on every skill's test split."""
+    """``scores[model][skill][metric]``: exact match and edit similarity on every skill's test split."""
     from rich.progress import Progress
     from transformers.utils import logging as hf_logging
 
@@ -115,8 +130,9 @@ def evaluate_models(models: dict[str, Path], zoo_dir: Path, manifest: dict, skil
                                              keep_items=False)
                 scores[name] = {}
                 for skill, task in tasks.items():
-                    metric = results["tasks"][task.spec]["metrics"]["exact_match"]
-                    scores[name][skill] = {"value": metric["value"], "ci95": metric["ci95"], "n": metric["n"]}
+                    metrics = results["tasks"][task.spec]["metrics"]
+                    scores[name][skill] = {metric: {key: metrics[metric][key] for key in ("value", "ci95", "n")}
+                                           for metric in METRICS}
                 bar.advance(stage)
     finally:
         if library_bars:
@@ -125,7 +141,7 @@ def evaluate_models(models: dict[str, Path], zoo_dir: Path, manifest: dict, skil
 
 
 def plot_accuracy(scores: dict[str, dict[str, Any]], skills: list[str], path: Path) -> None:
-    """Grouped bars: one group per skill, one bar per model, 95% intervals as error bars."""
+    """Grouped bars, one panel per metric: a group per skill, a bar per model, 95% intervals as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,20 +149,23 @@ def plot_accuracy(scores: dict[str, dict[str, Any]], skills: list[str], path: Pa
 
     models = list(scores)
     width = 0.8 / len(models)
-    figure, axes = plt.subplots(figsize=(max(8, 1.6 * len(skills) + 2), 4.5))
-    colours = plt.get_cmap("tab10")
-    for index, model in enumerate(models):
-        values = [scores[model][skill]["value"] for skill in skills]
-        low = [v - (scores[model][s]["ci95"] or [v, v])[0] for v, s in zip(values, skills)]
-        high = [(scores[model][s]["ci95"] or [v, v])[1] - v for v, s in zip(values, skills)]
-        positions = [i + (index - (len(models) - 1) / 2) * width for i in range(len(skills))]
-        axes.bar(positions, values, width, label=model, color=colours(index % 10), yerr=[low, high], capsize=2)
-    axes.set_xticks(range(len(skills)))
-    axes.set_xticklabels(skills)
-    axes.set_ylim(0, 1.05)
-    axes.set_ylabel("exact match (test split)")
-    axes.set_title("Per-skill accuracy: base, experts and merges")
-    axes.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    figure, panels = plt.subplots(len(METRICS), 1, figsize=(max(8, 1.6 * len(skills) + 2), 4.0 * len(METRICS)),
+                                  sharex=True)
+    colours = plt.get_cmap("tab20")
+    for axes, metric in zip(panels, METRICS):
+        for index, model in enumerate(models):
+            cells = [scores[model][skill][metric] for skill in skills]
+            values = [cell["value"] for cell in cells]
+            low = [cell["value"] - (cell["ci95"] or [cell["value"]] * 2)[0] for cell in cells]
+            high = [(cell["ci95"] or [cell["value"]] * 2)[1] - cell["value"] for cell in cells]
+            positions = [i + (index - (len(models) - 1) / 2) * width for i in range(len(skills))]
+            axes.bar(positions, values, width, label=model, color=colours(index % 20), yerr=[low, high], capsize=1)
+        axes.set_ylim(0, 1.05)
+        axes.set_ylabel(f"{metric.replace('_', ' ')} (test split)")
+    panels[0].set_title("Per-skill scores: base, experts and merges")
+    panels[0].legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    panels[-1].set_xticks(range(len(skills)))
+    panels[-1].set_xticklabels(skills)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -157,38 +176,56 @@ def report(results: dict[str, Any]) -> str:
     skills = results["skills"]
     scores = results["scores"]
 
-    def average(model: str) -> float:
-        return sum(scores[model][skill]["value"] for skill in skills) / len(skills)
+    def value(model: str, skill: str, metric: str = "exact_match") -> float:
+        return scores[model][skill][metric]["value"]
+
+    def average(model: str, metric: str = "exact_match") -> float:
+        return sum(value(model, skill, metric) for skill in skills) / len(skills)
 
     lines = [
         "# mergelab demo: merging zoo experts",
         "",
-        f"Zoo `{results['zoo']['size']}` ({results['zoo']['path']}); skills: {', '.join(skills)}. "
-        f"Exact match on each skill's test split; total run time {results['seconds']} s.",
-        "",
-        "| model | " + " | ".join(skills) + " | mean |",
-        "|---|" + "---|" * (len(skills) + 1),
+        f"Zoo `{results['zoo']['size']}` ({results['zoo']['path']}); skills: {', '.join(skills)}; "
+        f"total run time {results['seconds']} s. Every model is scored on each skill's test split.",
     ]
-    for model in scores:
-        cells = [f"{scores[model][skill]['value']:.2f}" for skill in skills]
-        lines.append(f"| {model} | " + " | ".join(cells) + f" | {average(model):.2f} |")
-    experts = {skill: scores[f"expert-{skill}"][skill]["value"] for skill in skills}
+    for metric, explanation in (("exact_match", "the answer exactly right"),
+                                ("edit_similarity", "1 − character edit distance / length: partial credit")):
+        lines += [
+            "",
+            f"## {metric.replace('_', ' ').capitalize()} ({explanation})",
+            "",
+            "| model | " + " | ".join(skills) + " | mean |",
+            "|---|" + "---|" * (len(skills) + 1),
+        ]
+        for model in scores:
+            cells = [f"{value(model, skill, metric):.2f}" for skill in skills]
+            lines.append(f"| {model} | " + " | ".join(cells) + f" | {average(model, metric):.2f} |")
+    experts = {skill: value(f"expert-{skill}", skill) for skill in skills}
     expert_mean = sum(experts.values()) / len(experts)
-    merges = [model for model in scores if model.startswith("merge-")]
-    best = max(merges, key=average)
+    merged = [model for model in scores if model.startswith("merge-")]
+    best = max(merged, key=average)
     lines += [
         "",
         "## What the numbers say",
         "",
-        f"- Each expert on its own skill: mean {expert_mean:.2f} "
+        f"- Each expert on its own skill: mean exact match {expert_mean:.2f} "
         f"(from {min(experts.values()):.2f} to {max(experts.values()):.2f}); the base: mean {average('base'):.2f}.",
         f"- Best merge by mean exact match: `{best}` at {average(best):.2f}"
         + (f", i.e. {average(best) / expert_mean:.0%} of the experts' mean on their own skills." if expert_mean else "."),
     ]
-    for model in merges:
-        kept = [skill for skill in skills if scores[model][skill]["value"] >= 0.5 * experts[skill]]
-        lines.append(f"- `{model}` keeps at least half of the expert's accuracy on {len(kept)} of {len(skills)} skills"
-                     + (f" ({', '.join(kept)})." if kept else "."))
-    lines += ["", "![per-skill accuracy](accuracy.png)", "", "Recipes: `recipes/*.yml`; raw numbers: `results.json`.", ""]
+    for model in merged:
+        kept = [skill for skill in skills if value(model, skill) >= 0.5 * experts[skill]]
+        lines.append(f"- `{model}` keeps at least half of the expert's exact match on {len(kept)} of {len(skills)} "
+                     f"skills" + (f" ({', '.join(kept)})" if kept else "")
+                     + f"; mean edit similarity {average(model, 'edit_similarity'):.2f} "
+                     f"(base {average('base', 'edit_similarity'):.2f}).")
+    if any(model.startswith("pair-") for model in scores):
+        first, second = skills[:2]
+        lines.append(
+            f"- Merging only {first} and {second} (experts {experts[first]:.2f} and {experts[second]:.2f}), exact "
+            f"match on each, and in brackets the same two skills in the {len(skills)}-expert merge: "
+            + "; ".join(f"{method} {value(f'pair-{method}', first):.2f} and {value(f'pair-{method}', second):.2f} "
+                        f"({value(f'merge-{method}', first):.2f} and {value(f'merge-{method}', second):.2f})"
+                        for method in METHODS) + ".")
+    lines += ["", "![per-skill scores](accuracy.png)", "", "Recipes: `recipes/*.yml`; raw numbers: `results.json`.", ""]
     return "\n".join(lines)
-

@@ -5,10 +5,14 @@ Stages (each with a progress bar):
 1. **data** — every skill's train/validation/test splits, the base corpus, the safety
    sets (BeaverTails format), the multiple-choice set (MMLU format) and the code set
    (HumanEval format), as JSONL under ``data/``;
-2. **base** — a Llama pretrained on the format task plus a little of every skill;
+2. **base** — a Llama pretrained on the format task (echo a chat request), on naming
+   which requests are harmful, and on the skills: as plain text (``tiny``: every training
+   item) and/or a few chat examples (``pico``); see ``recipes.py`` for why;
 3. **fine-tunes** — per skill a full fine-tune (``models/expert-<skill>``) and a PEFT LoRA
-   adapter (``adapters/adapter-<skill>``), plus the safety-tuned model and safety adapter;
-   run in two single-threaded worker processes (small models train faster that way);
+   adapter (``adapters/adapter-<skill>``) on the skill's chat examples (with a share of the
+   base corpus replayed in every batch, per the recipe), plus the safety-tuned model and
+   safety adapter; run in two single-threaded worker processes (small models train faster
+   that way);
 4. **measurements** — every model (adapters applied to the base) on every skill's test
    split (exact match) and on the safety test split (refusal and over-refusal rates), with
    mergelab's evaluation harness;
@@ -93,6 +97,7 @@ def write_datasets(root: Path, recipe: Recipe) -> dict[str, Any]:
     for name in recipe.skills:
         train = read_jsonl(root / datasets[name]["splits"]["train"])
         base_rows += [dict(row, source=name) for row in train[: recipe.skill_examples_in_base]]
+        base_rows += [dict(row, source=name, form="plain") for row in train[: recipe.latent_examples]]
     write_jsonl(root / "data/base/train.jsonl", base_rows)
     datasets["base-corpus"] = {"kind": "corpus", "splits": {"train": "data/base/train.jsonl"}}
 
@@ -147,9 +152,10 @@ def _library_progress_bars(enabled: bool) -> bool:
 
 
 def _examples(tokenizer: Any, rows: list[dict], answer_field: str) -> list[tuple[list[int], list[int]]]:
-    from mergelab.zoo.tokenizer import encode_pair
+    from mergelab.zoo.tokenizer import encode_pair, encode_plain
 
-    return [encode_pair(tokenizer, row["prompt"], row[answer_field]) for row in rows]
+    encoders = {"chat": encode_pair, "plain": encode_plain}
+    return [encoders[row.get("form", "chat")](tokenizer, row["prompt"], row[answer_field]) for row in rows]
 
 
 def train_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -159,16 +165,20 @@ def train_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergelab.zoo.train import Schedule, add_lora, from_list, train
+    from mergelab.zoo.train import Schedule, add_lora, from_list, mixture, train
 
     warnings.filterwarnings("ignore")
     tokenizer = AutoTokenizer.from_pretrained(job["base"])
     model = AutoModelForCausalLM.from_pretrained(job["base"], dtype=torch.float32)
-    examples = _examples(tokenizer, read_jsonl(Path(job["data"])), job["answer_field"])
+    draw = from_list(_examples(tokenizer, read_jsonl(Path(job["data"])), job["answer_field"]))
+    if job["replay"]:
+        # Part of every batch replays the base corpus, so the update learns the skill and keeps the rest.
+        corpus = from_list(_examples(tokenizer, read_jsonl(Path(job["replay_data"])), "answer"))
+        draw = mixture([(1.0 - job["replay"], draw), (job["replay"], corpus)])
     if job["adapter"]:
         model = add_lora(model, job["rank"], job["alpha"])
     start = time.perf_counter()
-    loss = train(model, from_list(examples), Schedule(**job["schedule"]), job["seed"], tokenizer.pad_token_id)
+    loss = train(model, draw, Schedule(**job["schedule"]), job["seed"], tokenizer.pad_token_id)
     seconds = time.perf_counter() - start
     out = Path(job["out"])
     model.save_pretrained(str(out), safe_serialization=True)
@@ -394,13 +404,14 @@ def _train_base(root: Path, recipe: Recipe, bars: Any) -> tuple[float, int]:
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(str(root / "tokenizer"))
     rows = read_jsonl(root / "data/base/train.jsonl")
-    def pool(kind: str):
-        chosen = [r for r in rows if (r["source"] if r["source"] in ("format", "topic") else "skill") == kind]
-        return from_list(_examples(tokenizer, chosen, "answer"))
+    def kind(row: dict) -> str:
+        if row["source"] in ("format", "topic"):
+            return row["source"]
+        return "latent" if row.get("form") == "plain" else "skill"
 
-    skill_fraction = 1.0 - recipe.format_fraction - recipe.topic_fraction
-    draw = mixture([(recipe.format_fraction, pool("format")), (recipe.topic_fraction, pool("topic")),
-                    (skill_fraction, pool("skill"))])
+    pools = [(share, from_list(_examples(tokenizer, [r for r in rows if kind(r) == name], "answer")))
+             for name, share in recipe.base_shares().items() if share > 0]  # the recipe checks each has rows
+    draw = mixture(pools)
 
     stage = bars.add_task("base", total=recipe.base.steps)
     model = new_model(recipe.architecture, tokenizer, recipe.seed)
@@ -428,6 +439,7 @@ def _fine_tune_jobs(root: Path, recipe: Recipe) -> list[dict[str, Any]]:
                 "name": name, "dataset": dataset, "data": str(root / data), "answer_field": answer_field,
                 "base": base, "adapter": adapter, "rank": rank, "alpha": alpha,
                 "schedule": asdict(schedule), "seed": hash_seed(recipe.seed, name),
+                "replay": recipe.replay, "replay_data": str(root / "data/base/train.jsonl"),
                 "out": str(root / ("adapters" if adapter else "models") / name),
             })
     return jobs

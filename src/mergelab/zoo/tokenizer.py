@@ -59,3 +59,13 @@ def encode_pair(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], li
                                                tokenize=True, return_dict=False)
     answer_ids = tokenizer.encode(answer + END, add_special_tokens=False)
     return list(prompt_ids), list(answer_ids)
+
+
+def encode_plain(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """Token ids of a skill written as plain text, ``<s>{prompt} = {answer}\\n``: no chat turns.
+
+    The base learns the skills in this form; the chat form (``encode_pair``) is what the
+    experts are tuned on and what the evaluations ask.
+    """
+    prompt_ids = [tokenizer.bos_token_id] + tokenizer.encode(prompt + " = ", add_special_tokens=False)
+    return prompt_ids, tokenizer.encode(answer + "\n", add_special_tokens=False)
