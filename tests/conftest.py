@@ -13,6 +13,20 @@ from mergelab.zoo.random_models import make_model, make_variant
 FAMILIES = ("llama", "mistral", "qwen2")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_user_zoo(tmp_path_factory: pytest.TempPathFactory):
+    """Tests never see the zoos the user has built (~/.cache/mergelab/zoo): an empty zoo root of their own."""
+    import os
+
+    previous = os.environ.get("MERGELAB_ZOO_DIR")
+    os.environ["MERGELAB_ZOO_DIR"] = str(tmp_path_factory.mktemp("empty-zoo-root"))
+    yield
+    if previous is None:
+        os.environ.pop("MERGELAB_ZOO_DIR", None)
+    else:
+        os.environ["MERGELAB_ZOO_DIR"] = previous
+
+
 class ModelSet:
     """A base model and fine-tune-like variants of one family, on disk."""
 
