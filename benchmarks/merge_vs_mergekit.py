@@ -1,7 +1,7 @@
 """mergelab vs mergekit on the same recipes and inputs: wall time and peak RSS.
 
     python benchmarks/merge_vs_mergekit.py                 # the ~130M set, 3 runs per tool and method
-    python benchmarks/merge_vs_mergekit.py --size 780m --methods linear task_arithmetic --runs 2
+    python benchmarks/merge_vs_mergekit.py --size 780m --methods linear task_arithmetic --runs 2 --write
     python benchmarks/merge_vs_mergekit.py --size 780m --device cuda   # on a GPU machine (mergekit --cuda)
 
 Builds once (cached in benchmarks/.cache/) a base and three fine-tuned variants of a
@@ -9,8 +9,11 @@ Llama in float32, then for each method runs mergekit (`mergekit-yaml`) and merge
 (`mergelab merge`) alternately, each in its own process, and reports the median wall
 time and the peak resident memory of each process (from wait4's rusage), their ratios,
 and the I/O floor: a process that imports torch, reads every input tensor once and
-writes an output of the same size (the least work any Python merge tool must do).
-The table is printed and written into benchmarks/RESULTS.md.
+writes an output of the same size (the least work any Python merge tool must do). The
+floor runs once to warm the page cache, then takes its turn with the two tools in every
+round, so all three are measured alike. The table is printed and written into
+benchmarks/RESULTS.md, one section per size (and device); a run of some methods only
+(`--methods`) is printed but written only with `--write`, since it replaces the section.
 
 Targets (2-core CPU): every method at most 0.5x mergekit's wall time and peak RSS,
 ties at most 0.2x, linear/task_arithmetic within 1.5x of the I/O floor on the larger set.
@@ -193,9 +196,10 @@ def run_method(method: str, root: Path, scratch: Path, runs: int, seed: int, dev
     if device != "cpu":
         ours_cmd += ["--device", device]
         theirs_cmd += ["--cuda"]
-    floor = io_floor(root, scratch, inputs)  # also warms the page cache for both tools
-    ours, theirs = [], []
-    for _ in range(runs):  # alternate the tools so drift affects both alike
+    io_floor(root, scratch, inputs)  # warms the page cache; not counted
+    ours, theirs, floors = [], [], []
+    for _ in range(runs):  # alternate the three so drift affects all alike
+        floors.append(io_floor(root, scratch, inputs))
         for command, sink, out in ((theirs_cmd, theirs, "theirs"), (ours_cmd, ours, "ours")):
             sink.append(measure(command))
             shutil.rmtree(scratch / out)
@@ -204,7 +208,7 @@ def run_method(method: str, root: Path, scratch: Path, runs: int, seed: int, dev
         "method": method,
         "ours_s": median(ours, 0), "ours_mb": median(ours, 1), "ours_cpu": median(ours, 2),
         "theirs_s": median(theirs, 0), "theirs_mb": median(theirs, 1), "theirs_cpu": median(theirs, 2),
-        "floor_s": floor[0],
+        "floor_s": median(floors, 0),
         "inputs": len(inputs),
     }
 
@@ -258,13 +262,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument("--write", action="store_true",
+                        help="write RESULTS.md even for a run of some methods only (it replaces the size's section)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="where both tools compute (mergelab --device cuda, mergekit --cuda)")
     args = parser.parse_args()
 
-    sections = []
     load_before = os.getloadavg()[0]
     help_s = help_latency()
+    partial = set(args.methods) != set(METHODS)
     for size in args.size:
         root = build_models(size)
         rows = []
@@ -280,22 +286,24 @@ def main() -> None:
                     f"I/O floor {row['floor_s']:.2f} s",
                     flush=True,
                 )
-        sections.append(table(rows, size, args.runs, help_s))
-    cpu = platform.processor() or platform.machine()
-    device = f"GPU: {gpu_name()} (both tools compute on it)" if args.device == "cuda" else "CPU only"
-    header = (
-        "## Merging: mergelab vs mergekit 0.1.5" + (" on CUDA" if args.device == "cuda" else "") + "\n\n"
-        f"Machine: {os.cpu_count()} CPU cores ({cpu}), {platform.system()}; {device}; written by "
-        "`benchmarks/merge_vs_mergekit.py` on " + time.strftime("%Y-%m-%d") + ". Wall time and peak RSS are per process "
-        "(start-up included); the I/O floor is a process that imports torch, reads every input tensor once and writes "
-        "the output. Both tools run with OMP_WAIT_POLICY=PASSIVE. The machine is shared: its 1-minute load "
-        f"average was {load_before:.1f} before and "
-        f"{os.getloadavg()[0]:.1f} after the runs.\n"
-    )
-    report = header + "\n" + "\n\n".join(sections)
-    print("\n" + report)
-    if not args.no_write:
-        write_results(report, "merge_vs_mergekit" + ("_cuda" if args.device == "cuda" else ""))
+        cpu = platform.processor() or platform.machine()
+        device = f"GPU: {gpu_name()} (both tools compute on it)" if args.device == "cuda" else "CPU only"
+        header = (
+            f"## Merging, {size} set: mergelab vs mergekit 0.1.5" + (" on CUDA" if args.device == "cuda" else "")
+            + "\n\n"
+            f"Machine: {os.cpu_count()} CPU cores ({cpu}), {platform.system()}; {device}; written by "
+            "`benchmarks/merge_vs_mergekit.py` on " + time.strftime("%Y-%m-%d") + ". Wall time and peak RSS are per "
+            "process (start-up included); the I/O floor is a process that imports torch, reads every input tensor once "
+            "and writes the output, run in turn with the two tools after one warm-up run. Both tools run with "
+            "OMP_WAIT_POLICY=PASSIVE. The machine is shared: its 1-minute load "
+            f"average was {load_before:.1f} before and {os.getloadavg()[0]:.1f} after the runs.\n"
+        )
+        report = header + "\n" + table(rows, size, args.runs, help_s)
+        print("\n" + report)
+        if args.no_write or (partial and not args.write):
+            print("\nnot written to RESULTS.md" + (" (a run of some methods only: pass --write)" if partial else ""))
+            continue
+        write_results(report, f"merge_vs_mergekit_{size}" + ("_cuda" if args.device == "cuda" else ""))
         print(f"\nwritten to {RESULTS}")
 
 
