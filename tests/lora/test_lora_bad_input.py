@@ -97,6 +97,8 @@ def merge_cases(loras, broken, tmp_path) -> dict[str, tuple[list[str], str]]:
         "unknown parameter": ([recipe(tmp_path, [plain], parameters={"densty": 0.5})],
                               "parameters.densty: unknown parameter"),
         "unknown field": ([recipe(tmp_path, [plain], ranks=4)], "ranks: unknown field"),
+        "duplicate adapter": ([recipe(tmp_path, [plain, str(Path(plain) / ".." / Path(plain).name)])],
+                              "adapters[0] and adapters[1] are the same adapter"),
     }
 
 
@@ -117,7 +119,7 @@ def assert_refused(result, message: str, out: Path) -> None:
     "rank 0 in the adapter", "config rank does not fit the weights", "DoRA", "not LoRA", "missing adapter",
     "missing adapter_config.json", "missing adapter weights", "pickled adapter", "missing recipe",
     "rank and energy", "energy out of range", "cat with a rank", "unknown method", "unknown parameter",
-    "unknown field",
+    "unknown field", "duplicate adapter",
 ])
 def test_lora_merge_refuses(loras, broken, tmp_path, case):
     args, message = merge_cases(loras, broken, tmp_path)[case]

@@ -356,6 +356,15 @@ class _Planner:
 
     def check_compatible(self) -> None:
         """Adapters must fit one architecture: same shapes and kinds per module, same block layout."""
+        seen: dict[Path, int] = {}
+        for index, adapter in enumerate(self.adapters):
+            first = seen.setdefault(adapter.path.resolve(), index)
+            if first != index:
+                raise ConfigError(
+                    f"{self.source}: adapters[{first}] and adapters[{index}] are the same adapter "
+                    f"('{self.adapters[first].reference}'); a merge takes each adapter once. Remove the duplicate "
+                    "(to give an adapter more weight, raise its weight instead)."
+                )
         if self.base is not None:
             base = self.base
             for adapter in self.adapters:
