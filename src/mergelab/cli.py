@@ -123,10 +123,13 @@ app.add_typer(lora_app, name="lora")
 
 def _lora_options(device: str, threads: Optional[int], force: bool, seed: Optional[int], progress: bool,
                   out_shard_size: str = "5GB"):
-    from mergelab.lora.output import LoraOptions
+    """The options of a lora command, checked (device, threads, shard size) before anything else, dry runs included."""
+    from mergelab.lora.output import LoraOptions, check_options
 
-    return LoraOptions(device=device, threads=threads, force=force, seed=seed, progress=progress,
-                       out_shard_size=out_shard_size)
+    options = LoraOptions(device=device, threads=threads, force=force, seed=seed, progress=progress,
+                          out_shard_size=out_shard_size)
+    _guard(lambda: check_options(options))
+    return options
 
 
 def _lora_report(result) -> None:
@@ -156,11 +159,11 @@ def lora_merge(
     """
     from mergelab.lora import merge as lora_merging
 
+    options = _lora_options(device, threads, force, seed, progress)
     if dry_run:
         plan, _ = _guard(lambda: lora_merging.load_and_plan(config, seed))
         typer.echo(lora_merging.describe_lora_plan(plan))
         return
-    options = _lora_options(device, threads, force, seed, progress)
     result = _guard(lambda: lora_merging.run_lora_merge(config, out_dir, options))
     typer.echo(f"merged {len(result.report['modules'])} LoRA modules in {result.seconds:.1f} s -> {result.out_dir}")
     _lora_report(result)
@@ -196,11 +199,11 @@ def lora_bake(
         return paths[0], paths[1:-1], parse_weights(weights, len(paths) - 2)
 
     base, adapters, adapter_weights = _guard(prepare)
+    options = _lora_options(device, threads, force, None, progress, out_shard_size)
     if dry_run:
         plan = _guard(lambda: baking.plan_bake(base, adapters, adapter_weights))
         typer.echo(baking.describe_bake_plan(plan))
         return
-    options = _lora_options(device, threads, force, None, progress, out_shard_size)
     result = _guard(lambda: baking.run_bake(base, adapters, paths[-1], adapter_weights, options))
     typer.echo(f"baked {len(adapters)} adapter(s) into {result.tensors} tensors in {result.seconds:.1f} s "
                f"-> {result.out_dir}")
@@ -234,11 +237,11 @@ def lora_extract(
     """
     from mergelab.lora import extract as extracting
 
+    options = _lora_options(device, threads, force, None, progress)
     if dry_run:
         plan = _guard(lambda: extracting.plan_extract(base, finetuned, rank=rank, energy=energy, out_dtype=out_dtype))
         typer.echo(extracting.describe_extract_plan(plan))
         return
-    options = _lora_options(device, threads, force, None, progress)
     result = _guard(lambda: extracting.run_extract(base, finetuned, out_dir, rank=rank, energy=energy,
                                                    out_dtype=out_dtype, error_threshold=error_threshold,
                                                    options=options))

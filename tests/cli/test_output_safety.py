@@ -88,3 +88,31 @@ def test_output_where_no_directory_can_be_made(llama, tmp_path):
     result = invoke("merge", str(recipe), "/proc/merged")
     assert result.exit_code == 2, result.output
     assert "cannot create the output '/proc/merged'" in result.output and "Traceback" not in result.output
+
+
+def test_an_existing_output_is_refused_before_any_input_is_opened(tmp_path, monkeypatch):
+    """The output check comes first: a Hub model in the recipe is never fetched for a run that cannot write."""
+    import huggingface_hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("an input was fetched")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
+    out = tmp_path / "out"
+    out.mkdir()
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"models": [{"model": "some-org/some-model", "parameters": {"weight": 1.0}}],
+                                      "merge_method": "linear"}))
+    adapters = tmp_path / "a.yml"
+    adapters.write_text(yaml.safe_dump({"adapters": [{"adapter": "some-org/some-adapter"}], "merge_method": "linear"}))
+    for args in (["merge", str(recipe)], ["lora", "merge", str(adapters)],
+                 ["lora", "bake", "some-org/base", "some-org/adapter"],
+                 ["lora", "extract", "some-org/base", "some-org/finetune", "--rank", "2"]):
+        result = invoke(*args, str(out))
+        assert result.exit_code == 2 and "already exists" in result.output, (args, result.output)
+
+
+def test_lora_dry_runs_check_their_options_too(llama, tmp_path):
+    result = invoke("lora", "extract", llama.path("base"), llama.path("ft1"), str(tmp_path / "x"), "--rank", "2",
+                    "--dry-run", "--threads", "0")
+    assert result.exit_code == 2 and "--threads 0" in result.output

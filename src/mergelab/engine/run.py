@@ -37,6 +37,12 @@ def check_threads(threads: int | None) -> None:
         raise ConfigError(f"--threads {threads}: give a positive number of CPU threads, or leave it out to use all cores.")
 
 
+def check_options(device: str, threads: int | None) -> None:
+    """Refuse a device or thread count that cannot be used, before any input is read."""
+    resolve_device(device)
+    check_threads(threads)
+
+
 def apply_threads(threads: int | None) -> None:
     """Use ``threads`` torch threads for computing (None: leave torch's default)."""
     check_threads(threads)
@@ -198,6 +204,8 @@ def _all_finite(tensor: Any) -> bool:
 
     import torch
 
+    if tensor.numel() == 0:
+        return True
     if tensor.dtype in (torch.float16, torch.bfloat16):
         low, high = torch.aminmax(tensor)
         return math.isfinite(float(low)) and math.isfinite(float(high))

@@ -237,7 +237,8 @@ class OutputDirectory:
     ``force``); on any error the temporary directory is removed and the destination is
     untouched. ``inputs`` are the files and directories the run reads: a destination that is
     or contains one of them is refused even with ``force``, since replacing it would delete
-    the inputs.
+    the inputs. Make it before planning (an existing output is refused before any input is
+    fetched) and :meth:`protect` the inputs the plan found.
     """
 
     def __init__(self, destination: str | os.PathLike[str], force: bool = False,
@@ -248,6 +249,11 @@ class OutputDirectory:
         self.temporary: Path | None = None
         self.check()
         os.rmdir(self._make_temporary())  # find out now, not after the work, whether the output can be made there
+
+    def protect(self, inputs: Iterable[str | os.PathLike[str]]) -> None:
+        """Refuse the destination if it is or contains one of ``inputs`` too."""
+        self.inputs += [Path(path).expanduser().resolve() for path in inputs]
+        self.check()
 
     def check(self) -> None:
         destination = self.destination

@@ -122,14 +122,14 @@ def run_bake(base_reference: str, adapter_references: Sequence[str], out_dir: st
              weights: Optional[Sequence[float]] = None, options: Any = None) -> Any:
     """Write base + Σ w_i ΔW_i to ``out_dir`` (a Hugging Face model directory)."""
     from mergelab import engine
-    from mergelab.io import OutputDirectory, ShardedWriter, parse_size
-    from mergelab.lora.output import LoraOptions, LoraResult
+    from mergelab.io import OutputDirectory, ShardedWriter
+    from mergelab.lora.output import LoraOptions, LoraResult, check_options
 
     options = options or LoraOptions()
-    shard_bytes = parse_size(options.out_shard_size)
+    shard_bytes = check_options(options)
+    output = OutputDirectory(out_dir, force=options.force)  # before any model is fetched
     plan = plan_bake(base_reference, adapter_references, weights)
-    output = OutputDirectory(out_dir, force=options.force, inputs=[s.path for s in plan.sources.values()])
-    engine.resolve_device(options.device)
+    output.protect(s.path for s in plan.sources.values())
     engine.apply_threads(options.threads)
     with output as temporary:
         writer = ShardedWriter(temporary, plan.layout, shard_bytes)

@@ -33,6 +33,7 @@ from mergelab.lora.output import (
     CollectingSink,
     LoraOptions,
     LoraResult,
+    check_options,
     reconstruction_report,
     write_adapter_files,
 )
@@ -259,10 +260,11 @@ def run_extract(base_reference: str, finetuned_reference: str, out_dir: str | Pa
     from mergelab.lora.factor import rank_for_energy
 
     options = options or LoraOptions()
+    check_options(options)
+    output = OutputDirectory(out_dir, force=options.force)  # before any model is fetched
     plan = plan_extract(base_reference, finetuned_reference, rank=rank, energy=energy, out_dtype=out_dtype,
                         error_threshold=error_threshold)
-    output = OutputDirectory(out_dir, force=options.force, inputs=[s.path for s in plan.sources.values()])
-    engine.resolve_device(options.device)
+    output.protect(s.path for s in plan.sources.values())
     engine.apply_threads(options.threads)
     seconds = 0.0
     if energy is not None:

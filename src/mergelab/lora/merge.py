@@ -55,6 +55,7 @@ from mergelab.lora.output import (
     CollectingSink,
     LoraOptions,
     LoraResult,
+    check_options,
     reconstruction_report,
     write_adapter_files,
 )
@@ -613,12 +614,13 @@ def run_lora_merge(config_path: str | Path, out_dir: str | Path, options: Any = 
     from mergelab.io.adapter import ADAPTER_WEIGHTS
 
     options = options or LoraOptions()
+    check_options(options)
+    output = OutputDirectory(out_dir, force=options.force, inputs=[config_path])  # before any adapter is fetched
     seed = options.seed if options.seed is not None else secrets.randbelow(2**31)
     plan, text = load_and_plan(config_path, seed)
-    output = OutputDirectory(out_dir, force=options.force, inputs=[config_path, *(s.path for s in plan.sources.values())])
+    output.protect(s.path for s in plan.sources.values())
     if plan.seed is not None and options.seed is None:
         log.warning("no --seed given for random method %s; using seed %d (recorded in the report)", plan.method.name, seed)
-    engine.resolve_device(options.device)
     engine.apply_threads(options.threads)
     seconds = 0.0
     if plan.needs_spectrum:

@@ -53,8 +53,7 @@ def check_options(options: MergeOptions) -> int:
     from mergelab import engine
     from mergelab.io import parse_size
 
-    engine.resolve_device(options.device)
-    engine.check_threads(options.threads)
+    engine.check_options(options.device, options.threads)
     return parse_size(options.out_shard_size)
 
 
@@ -71,12 +70,13 @@ def run_merge(config_path: str | Path, out_dir: str | Path, options: MergeOption
     from mergelab.io import OutputDirectory, ShardedWriter
 
     shard_bytes = check_options(options)
+    output = OutputDirectory(out_dir, force=options.force, inputs=[config_path])  # before any model is fetched
     seed = options.seed if options.seed is not None else secrets.randbelow(2**31)
     plan, text = load_and_plan(config_path, seed)
     if plan.seed is not None and options.seed is None:
         log.warning("no --seed given for random method %s; using seed %d (recorded in the model card)",
                     plan.method.name, seed)
-    output = OutputDirectory(out_dir, force=options.force, inputs=[config_path, *plan.input_paths()])
+    output.protect(plan.input_paths())
     engine.apply_threads(options.threads)
     with output as temporary:
         writer = ShardedWriter(temporary, plan.layout, shard_bytes)
