@@ -376,7 +376,8 @@ def demo(
     size: str = typer.Option("tiny", help="Zoo size to use (built and cached on first use)."),
     out: Path = typer.Option(Path("demo-results"), help="Where to write results.json, accuracy.png and report.md."),
     skill: Optional[list[str]] = typer.Option(
-        None, "--skill", help="Skill whose expert to merge (repeat; default: caesar3, upper, reverse, sort, capital)."
+        None, "--skill", help="Skill whose expert to merge (repeat; default: caesar3, upper, reverse, sort, capital; "
+                              "for pico, its four skills)."
     ),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
@@ -388,9 +389,9 @@ def demo(
     base, the experts and the merges on every skill's test split, and writes a JSON file,
     a bar chart and a markdown report whose numbers all come from the run.
     """
-    from mergelab.experiments.demo import DEFAULT_SKILLS, run_demo
+    from mergelab.experiments.demo import run_demo
 
-    directory = _guard(lambda: run_demo(size, out, skills=skill or DEFAULT_SKILLS, force=force, progress=progress))
+    directory = _guard(lambda: run_demo(size, out, skills=skill, force=force, progress=progress))
     typer.echo(f"demo results in {directory}: report.md, accuracy.png, results.json")
 
 

@@ -215,12 +215,16 @@ def test_data_and_training_are_deterministic(pico, tmp_path):
 
 def test_demo_runs_on_pico_and_reports_measured_numbers(pico, tmp_path):
     out = tmp_path / "demo"
-    result = CliRunner().invoke(app, ["demo", "--size", "pico", "--skill", "caesar1", "--skill", "vowels",
-                                      "--out", str(out), "--no-progress"])
+    result = CliRunner().invoke(app, ["demo", "--size", "pico", "--out", str(out), "--no-progress"])
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
-    assert set(results["scores"]) == {"base", "expert-caesar1", "expert-vowels", "merge-task_arithmetic",
-                                      "merge-ties", "merge-dare_ties"}
+    skills = list(RECIPES["pico"].skills)  # pico has none of the tiny defaults but caesar3: all its skills
+    assert results["skills"] == skills
+    methods = ("task_arithmetic", "ties", "dare_ties")
+    assert set(results["scores"]) == {"base", *(f"expert-{s}" for s in skills), *(f"merge-{m}" for m in methods),
+                                      *(f"pair-{m}" for m in methods)}
+    assert [entry["model"] for entry in results["recipes"]["pair-ties"]["models"]] == [
+        "zoo:pico/expert-caesar1", "zoo:pico/expert-caesar2"]
     # the experts' scores are the harness's, and agree with the manifest's measurement of the same split
     manifest = json.loads((pico / "manifest.json").read_text())
     expert = results["scores"]["expert-vowels"]["vowels"]
@@ -229,14 +233,16 @@ def test_demo_runs_on_pico_and_reports_measured_numbers(pico, tmp_path):
     assert expert["exact_match"]["n"] == len(read_jsonl(pico / "data/skills/vowels/test.jsonl"))
     assert expert["exact_match"]["value"] <= expert["edit_similarity"]["value"] <= 1.0  # exact answers score 1 on both
     report = (out / "report.md").read_text()
-    other = results["scores"]["expert-vowels"]["caesar1"]
-    assert f"| expert-vowels | {other['exact_match']['value']:.2f} | {expert['exact_match']['value']:.2f} |" in report
-    assert f"| expert-vowels | {other['edit_similarity']['value']:.2f} | {expert['edit_similarity']['value']:.2f} |" in report
+    for metric in ("exact_match", "edit_similarity"):
+        row = " | ".join(f"{results['scores']['pair-ties'][s][metric]['value']:.2f}" for s in skills)
+        assert f"| pair-ties | {row} |" in report
+    pair = results["scores"]["pair-ties"]
+    assert f"ties {pair['caesar1']['exact_match']['value']:.2f} and {pair['caesar2']['exact_match']['value']:.2f}" in report
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "models" / "ties" / "model.safetensors").exists()
+    assert (out / "recipes" / "ties-pair.yml").exists()
     # an existing OUT is refused before any work, and an unknown skill names the choices
-    again = CliRunner().invoke(app, ["demo", "--size", "pico", "--out", str(out), "--skill", "caesar1",
-                                     "--skill", "vowels", "--no-progress"])
+    again = CliRunner().invoke(app, ["demo", "--size", "pico", "--out", str(out), "--no-progress"])
     assert again.exit_code == 2 and "--force" in again.output
     unknown = CliRunner().invoke(app, ["demo", "--size", "pico", "--skill", "juggling", "--skill", "vowels",
                                        "--out", str(tmp_path / "x"), "--no-progress"])

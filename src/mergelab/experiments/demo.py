@@ -29,12 +29,12 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 
 
-def merges(skills: Sequence[str]) -> list[tuple[str, str, list[str]]]:
-    """(model name, method, skills merged): every method on all the experts (``merge-<method>``) and,
-    for contrast, on the first two alone (``pair-<method>``), when there are more than two."""
-    planned = [(f"merge-{method}", method, list(skills)) for method in METHODS]
+def merges(skills: Sequence[str]) -> list[tuple[str, str, str, list[str]]]:
+    """(model name, file stem, method, skills merged): every method on all the experts (``merge-<method>``)
+    and, for contrast, on the first two alone (``pair-<method>``), when there are more than two."""
+    planned = [(f"merge-{method}", method, method, list(skills)) for method in METHODS]
     if len(skills) > 2:
-        planned += [(f"pair-{method}", method, list(skills[:2])) for method in METHODS]
+        planned += [(f"pair-{method}", f"{method}-pair", method, list(skills[:2])) for method in METHODS]
     return planned
 
 
@@ -49,9 +49,17 @@ def merge_recipe(size: str, skills: Sequence[str], method: str) -> dict[str, Any
     }
 
 
-def run_demo(size: str = "tiny", out: str | Path = "demo-results", skills: Sequence[str] = DEFAULT_SKILLS,
+def default_skills(size: str) -> list[str]:
+    """DEFAULT_SKILLS where the zoo has them (tiny), else every skill of the zoo (pico)."""
+    from mergelab.zoo.recipes import RECIPES
+
+    chosen = [skill for skill in DEFAULT_SKILLS if skill in RECIPES[size].skills]
+    return chosen if len(chosen) >= 2 else list(RECIPES[size].skills)
+
+
+def run_demo(size: str = "tiny", out: str | Path = "demo-results", skills: Optional[Sequence[str]] = None,
              force: bool = False, seed: int = 0, progress: bool = True) -> Path:
-    """Run the whole demo; return the results directory."""
+    """Run the whole demo (``skills``: default :func:`default_skills`); return the results directory."""
     from mergelab.errors import ConfigError
     from mergelab.io import OutputDirectory
     from mergelab.merge import MergeOptions, run_merge
@@ -63,7 +71,7 @@ def run_demo(size: str = "tiny", out: str | Path = "demo-results", skills: Seque
     started = time.perf_counter()
     if size not in RECIPES:
         raise ConfigError(f"unknown zoo size '{size}'; choose one of {', '.join(RECIPES)}.")
-    skills = list(dict.fromkeys(skills))
+    skills = list(dict.fromkeys(skills)) if skills else default_skills(size)
     missing = [skill for skill in skills if skill not in RECIPES[size].skills]
     if missing or len(skills) < 2:
         raise ConfigError(f"the demo merges two or more skills of the '{size}' zoo"
@@ -82,9 +90,8 @@ def run_demo(size: str = "tiny", out: str | Path = "demo-results", skills: Seque
         recipes = {}
         (root / "models").mkdir()
         (root / "recipes").mkdir()
-        for name, method, merged in merges(skills):
+        for name, stem, method, merged in merges(skills):
             recipe = merge_recipe(size, merged, method)
-            stem = method if name.startswith("merge-") else f"{method}-pair"  # recipes/ties.yml, ties-pair.yml
             (root / "recipes" / f"{stem}.yml").write_text(yaml.safe_dump(recipe, sort_keys=False))
             result = run_merge(root / "recipes" / f"{stem}.yml", root / "models" / stem,
                                MergeOptions(seed=seed, progress=progress))
