@@ -289,8 +289,6 @@ def eval_command(
         rows = _guard(lambda: evaluation.compare_results(evaluation.read_results(first), evaluation.read_results(second)))
         typer.echo(evaluation.format_comparison(rows, str(first), str(second)))
         return
-    if out is not None:
-        _guard(lambda: evaluation.check_results_path(out, overwrite=force))  # before any work
     if model is None and samples is None:
         typer.secho("error: give a MODEL directory (or --samples FILE with --task humaneval, or --compare A B).",
                     err=True, fg=typer.colors.RED)
@@ -302,10 +300,8 @@ def eval_command(
         results = evaluation.evaluate_directory(
             model, task, adapters=[str(a) for a in adapter], limit=limit, num_fewshot=num_fewshot,
             batch_size=batch_size, device=device, dtype=dtype, seed=seed, cache=cache, judge=judge,
-            samples=str(samples) if samples else None, keep_items=items,
+            samples=str(samples) if samples else None, keep_items=items, out=out, overwrite=force,
         )
-        if out is not None:
-            evaluation.write_results(results, out, overwrite=force)  # refuses a file that appeared meanwhile
         return results
 
     try:

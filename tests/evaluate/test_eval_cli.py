@@ -73,15 +73,17 @@ def test_an_out_file_that_appears_during_the_run_is_not_replaced(tmp_path, jsonl
     with gzip.open(bundled_problems_path(), "rt") as handle:
         problem = json.loads(handle.readline())
     samples = jsonl(tmp_path / "samples.jsonl", [{"task_id": problem["task_id"], "completion": problem["canonical_solution"]}])
+    from mergelab.evaluate import api
+
     out = tmp_path / "r.json"
-    real = evaluation.evaluate_directory
+    real = api.run_tasks
 
     def someone_else_writes_the_file(*args, **kwargs):
         results = real(*args, **kwargs)
         out.write_text("written by another run")
         return results
 
-    monkeypatch.setattr(evaluation, "evaluate_directory", someone_else_writes_the_file)
+    monkeypatch.setattr(api, "run_tasks", someone_else_writes_the_file)
     result = invoke("--task", "humaneval", "--samples", str(samples), "--limit", "1", "--out", str(out))
     assert result.exit_code == 2 and "already exists; pass --force" in result.output
     assert out.read_text() == "written by another run"
