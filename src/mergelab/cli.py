@@ -31,6 +31,7 @@ def _configure_logging(verbose: bool, quiet: bool) -> None:
     _state["verbose"] = verbose
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(level)  # basicConfig does nothing once a handler exists (flags after a subcommand)
     for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
         logging.getLogger(noisy).setLevel(logging.NOTSET if verbose else logging.WARNING)
 
@@ -46,13 +47,11 @@ def _global(
 def _verbose_after_command(given: bool) -> None:
     if given:
         _configure_logging(True, False)
-        logging.getLogger().setLevel(logging.DEBUG)  # basicConfig already ran for the top-level flags
 
 
 def _quiet_after_command(given: bool) -> None:
     if given:
         _configure_logging(False, True)
-        logging.getLogger().setLevel(logging.WARNING)
 
 
 # The same two flags after a subcommand (`mergelab merge r.yml out -v`): every command declares

@@ -8,7 +8,7 @@ Invoked as ``unshare [--user --map-root-user] --fork --pid --mount-proc --kill-c
 1. makes every existing mount read-only, nosuid and nodev (the host file system cannot be
    changed, and setuid/setgid bits and device nodes on it mean nothing);
 2. hides every top-level entry of / except the system's own (``KEPT``: /usr, /bin, /sbin,
-   /lib*, /etc, /proc, /sys, /dev): an empty tmpfs over each directory (temporary files, home
+   /lib*, /etc, /proc, /sys, /dev, and the Nix/Guix stores): an empty tmpfs over each directory (temporary files, home
    directories, /run with its sockets, /var, /srv, /opt, /mnt, and wherever a checkout or
    data set happens to live), an empty file over each top-level file; re-exposes the Python
    installation read-only if it lives under a hidden directory; mounts a minimal /dev (a tmpfs
@@ -53,8 +53,9 @@ LOCKED_DOWN = MS_RDONLY | MS_NOSUID | MS_NODEV
 PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 38, 47, 4
 CLONE_NEWUSER = 0x10000000
 # The top-level entries a program may see (read-only); everything else at / is covered. The interpreter
-# needs /usr and /lib*, programs need /etc (locale, passwd); /proc is the namespace's own.
-KEPT = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "proc", "sys", "dev")
+# needs /usr and /lib*, programs need /etc (locale, passwd); /proc is the namespace's own; on Nix and
+# Guix systems the interpreter's libraries live in the (world-readable) store under /nix or /gnu.
+KEPT = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "proc", "sys", "dev", "nix", "gnu")
 DEVICES = ("null", "zero", "random", "urandom")
 WORK = "/tmp/work"
 INNER_ID = 1000  # the program's uid and gid in its own user namespace (the non-root path)

@@ -753,11 +753,7 @@ def cache_argument(model: Any) -> str:
 
     Passing the old name to a new model works but logs a deprecation warning on every run.
     """
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
-    except (TypeError, ValueError):
-        return "past_key_values"
+    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
 
 
 def output_cache(output: Any) -> Any:
@@ -776,12 +772,21 @@ def logits_to_keep_support(model: Any) -> tuple[bool, bool]:
     logits_to_keep, :]``, which a 2-D mask would break, so there the runner computes all
     logits instead.
     """
-    # PEFT wrappers pass keyword arguments through to the model they wrap.
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        takes_int = "logits_to_keep" in inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        return False, False
+    takes_int = "logits_to_keep" in _forward_parameters(model)
+    inner = _unwrapped(model)
     module = sys.modules.get(getattr(type(inner).forward, "__module__", "") or "")
     takes_mask = takes_int and callable(getattr(module, "slice_logits_to_keep", None))
     return takes_int, takes_mask
+
+
+def _unwrapped(model: Any) -> Any:
+    """The model a PEFT wrapper passes its keyword arguments through to (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _forward_parameters(model: Any) -> Any:
+    """The names ``forward`` of the (unwrapped) model takes; empty when its signature cannot be read."""
+    try:
+        return inspect.signature(_unwrapped(model).forward).parameters
+    except (TypeError, ValueError):
+        return {}

@@ -18,7 +18,8 @@ program runs under these guarantees:
   counted for this run alone: per sandbox uid as root, per user namespace otherwise —
   Linux >= 5.15), file size (``RLIMIT_FSIZE``), open files, no core dumps.
 - **file system**: every host mount is read-only, nosuid and nodev; only the system's own
-  top-level directories stay visible (/usr, /bin, /sbin, /lib*, /etc, /proc, /sys, /dev):
+  top-level directories stay visible (/usr, /bin, /sbin, /lib*, /etc, /proc, /sys, /dev, and
+  the Nix/Guix stores /nix, /gnu):
   every other one (/tmp, /root, /home, /run, /var, /srv, /opt, /mnt, wherever a checkout
   lives) is empty and read-only, so neither its files nor the unix sockets there can be
   reached (the Python installation alone is re-exposed, read-only, where it lies below one);
