@@ -261,18 +261,19 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
-    parser.add_argument("--write", action="store_true",
-                        help="write RESULTS.md even for a run of some methods only (it replaces the size's section)")
+    writing = parser.add_mutually_exclusive_group()
+    writing.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    writing.add_argument("--write", action="store_true",
+                         help="write RESULTS.md even for a run of some methods only (it replaces the size's section)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                         help="where both tools compute (mergelab --device cuda, mergekit --cuda)")
     args = parser.parse_args()
 
-    load_before = os.getloadavg()[0]
     help_s = help_latency()
     partial = set(args.methods) != set(METHODS)
     for size in args.size:
         root = build_models(size)
+        load_before = os.getloadavg()[0]
         rows = []
         with tempfile.TemporaryDirectory(dir=CACHE) as scratch:
             for method in args.methods:
