@@ -258,3 +258,34 @@ def test_a_different_zoo_in_out_is_not_returned_as_this_one(tmp_path):
     with pytest.raises(InputError, match="--force"):
         build("pico", out=tmp_path, progress=False)
     assert json.loads((tmp_path / "manifest.json").read_text())["size"] == "tiny"  # left as it was
+
+
+def test_merge_check_measures_a_hand_made_task_arithmetic_merge(pico, manifest):
+    """The tiny zoo's mergeability promise is measured on base + Σ (expert − base), as computed here by hand."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergelab.evaluate import evaluate, make_task
+    from mergelab.zoo.build import evaluation_tasks, merge_check, quality_checks
+
+    recipe = replace(RECIPES["pico"], merge_check=("caesar1", "vowels"))
+    measured = merge_check(pico, recipe, evaluation_tasks(pico, recipe))
+    assert set(measured) == {"caesar1", "vowels"}
+    assert not (pico / ".merge-check").exists()  # the merged model is not kept
+
+    base = load_file(str(pico / "models/base/model.safetensors"))
+    experts = [load_file(str(pico / f"models/expert-{skill}/model.safetensors")) for skill in ("caesar1", "vowels")]
+    model = AutoModelForCausalLM.from_pretrained(pico / "models/base")
+    model.load_state_dict({name: base[name] + sum(e[name] - base[name] for e in experts) for name in base}, strict=False)
+    tokenizer = AutoTokenizer.from_pretrained(pico / "models/base")
+    for skill in ("caesar1", "vowels"):
+        task = make_task("generate", data=str(pico / f"data/skills/{skill}/test.jsonl"), chat="true", stop="none",
+                         max_new_tokens=str(recipe.max_new_tokens))
+        expected = evaluate(model, tokenizer, [task], batch_size=64)["tasks"][task.spec]["metrics"]["exact_match"]["value"]
+        assert measured[skill]["exact_match"]["value"] == pytest.approx(expected, abs=1e-4)
+
+    checks = quality_checks(recipe, manifest["evaluations"], measured)["checks"]
+    claim = checks[-1]
+    assert "task_arithmetic merge" in claim["claim"] and set(claim["measured"]) == {"caesar1", "vowels"}
+    experts_scores = {s: manifest["evaluations"][f"expert-{s}"][s]["exact_match"]["value"] for s in ("caesar1", "vowels")}
+    assert claim["passed"] == all(measured[s]["exact_match"]["value"] >= 0.5 * experts_scores[s] for s in experts_scores)

@@ -53,6 +53,7 @@ class Recipe:
     latent_examples: int = 0  # training items per skill written as plain text in the base corpus
     latent_fraction: float = 0.0  # share of base samples drawn from those
     replay: float = 0.0  # share of each fine-tuning batch drawn from the base corpus
+    merge_check: tuple[str, ...] = ()  # two skills whose experts a task_arithmetic merge must keep (a promise)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -64,6 +65,8 @@ class Recipe:
                 raise ValueError(f"zoo recipe '{self.size}': a '{kind}' share of {shares[kind]} with {rows} rows per skill")
         if not 0 <= self.replay < 1:
             raise ValueError(f"zoo recipe '{self.size}': replay must be in [0, 1), got {self.replay}")
+        if self.merge_check and (len(self.merge_check) != 2 or not set(self.merge_check) <= set(self.skills)):
+            raise ValueError(f"zoo recipe '{self.size}': merge_check names two of its skills, got {self.merge_check}")
 
     def base_shares(self) -> dict[str, float]:
         """Share of base training samples per kind of row: the format task, topics, chat skills, plain skills."""
@@ -121,5 +124,6 @@ RECIPES: dict[str, Recipe] = {
         latent_examples=1000,
         latent_fraction=0.7,
         replay=0.5,
+        merge_check=("caesar3", "upper"),
     ),
 }
