@@ -132,6 +132,17 @@ def cases(llama, broken) -> dict[str, tuple[dict, str]]:
              "merge_method": "multislerp"},
             "multislerp weights are all zero",
         ),
+        "linear weights sum to zero": (
+            {"models": [{"model": ft1, "parameters": {"weight": 1.0}}, {"model": ft2, "parameters": {"weight": -1.0}}],
+             "merge_method": "linear"},
+            "linear weights sum to zero, so normalize would divide by zero; "
+            "change the weights or set normalize: false",
+        ),
+        "multislerp weights sum to zero": (
+            {"models": [{"model": ft1, "parameters": {"weight": 0.5}}, {"model": ft2, "parameters": {"weight": -0.5}}],
+             "merge_method": "multislerp"},
+            "multislerp weights sum to zero, so normalize_weights would divide by zero",
+        ),
     }
 
 
@@ -140,6 +151,7 @@ CASE_NAMES = [
     "weight not a number", "model path missing", "not a model dir", "pickle weights", "missing tensor",
     "extra tensor", "non-finite output", "no base for ties", "misspelled field", "layer range too long",
     "overflow in out_dtype", "duplicate model", "duplicate model in a slice", "multislerp zero weights",
+    "linear weights sum to zero", "multislerp weights sum to zero",
 ]
 
 

@@ -31,7 +31,7 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, TextIO
+from typing import Any, Callable, Iterator, Optional, TextIO
 
 from mergelab.errors import InputError
 
@@ -306,12 +306,3 @@ def load_rows(source: str | Path, *, split: str = "test", hf_config: Optional[st
     if looks_like_hub:
         return load_hf(text, hf_config, split)
     raise InputError(f"data file '{text}' does not exist (nor is it a zoo: or Hugging Face dataset name).")
-
-
-def iter_limited(rows: Iterable[Row], limit: Optional[int]) -> list[Row]:
-    """The first ``limit`` rows (all when ``limit`` is None; a limit below 1 is refused)."""
-    from mergelab.evaluate.tasks.base import check_run_options
-
-    check_run_options(limit=limit)
-    rows = list(rows)
-    return rows if limit is None else rows[:limit]

@@ -4,16 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mergelab.errors import ConfigError
-from mergelab.methods.registry import Param, merge_method
-
-
-def _check_weights_sum(params: dict, where: str) -> None:
-    if params.get("normalize", True) and abs(sum(params["weight"])) < 1e-12:
-        raise ConfigError(
-            f"{where}: linear weights sum to zero, so normalize would divide by zero; "
-            "change the weights or set normalize: false."
-        )
+from mergelab.methods.registry import Param, merge_method, refuse_zero_weight_sum
 
 
 @merge_method(
@@ -25,7 +16,7 @@ def _check_weights_sum(params: dict, where: str) -> None:
     ),
     needs_base=False,
     paper="Model soups (Wortsman et al., 2022) https://arxiv.org/abs/2203.05482",
-    check=_check_weights_sum,
+    check=refuse_zero_weight_sum("linear", "normalize"),
 )
 def linear(tensors, *, weight, normalize=True):
     """θ = Σ_i w_i θ_i  (÷ Σ_i w_i if normalize); computed in float32 (float64 inputs stay float64)."""

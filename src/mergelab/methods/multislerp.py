@@ -6,7 +6,7 @@ import torch
 
 from mergelab.errors import ComputeError, ConfigError
 from mergelab.methods.numerics import combine, compute_dtype, gram
-from mergelab.methods.registry import Param, merge_method
+from mergelab.methods.registry import Param, merge_method, refuse_zero_weight_sum
 
 
 def multislerp_coefficients(products: torch.Tensor, weights: torch.Tensor, eps: float) -> torch.Tensor | None:
@@ -33,11 +33,7 @@ def _check_weights(params: dict, where: str) -> None:
     weights = params["weight"]
     if all(weight == 0 for weight in weights):
         raise ConfigError(f"{where}: multislerp weights are all zero; give at least one model a nonzero weight.")
-    if params.get("normalize_weights", True) and abs(sum(weights)) < 1e-12:
-        raise ConfigError(
-            f"{where}: multislerp weights sum to zero, so normalize_weights would divide by zero; "
-            "change the weights or set normalize_weights: false."
-        )
+    refuse_zero_weight_sum("multislerp", "normalize_weights")(params, where)
 
 
 @merge_method(

@@ -220,6 +220,19 @@ def merge_method(
     return register
 
 
+def refuse_zero_weight_sum(method: str, flag: str) -> Callable[[dict[str, Any], str], None]:
+    """A ``check=`` for methods that divide by Σ weight when ``flag`` (default true) is set."""
+
+    def check(params: dict[str, Any], where: str) -> None:
+        if params.get(flag, True) and abs(sum(params["weight"])) < 1e-12:
+            raise ConfigError(
+                f"{where}: {method} weights sum to zero, so {flag} would divide by zero; "
+                f"change the weights or set {flag}: false."
+            )
+
+    return check
+
+
 def get_method(name: str) -> MergeMethod:
     import mergelab.methods  # noqa: F401  (importing the package registers every method)
 

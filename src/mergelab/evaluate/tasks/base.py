@@ -21,9 +21,10 @@ import dataclasses
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Iterable, Optional
 
 from mergelab.errors import ConfigError
+from mergelab.evaluate.data import Row
 
 _REGISTRY: dict[str, type["Task"]] = {}
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
@@ -132,6 +133,13 @@ def check_run_options(**values: Optional[int]) -> None:
     """Refuse evaluation options that cannot mean anything (``limit=-1``, ``num_fewshot=-1``), naming them."""
     for name, value in values.items():
         _check_minimum(name, value, f"{name} (--{name.replace('_', '-')})")
+
+
+def iter_limited(rows: Iterable[Row], limit: Optional[int]) -> list[Row]:
+    """The first ``limit`` rows (all when ``limit`` is None; a limit below 1 is refused)."""
+    check_run_options(limit=limit)
+    rows = list(rows)
+    return rows if limit is None else rows[:limit]
 
 
 def check_option_minimums(task: str, options: Any) -> None:

@@ -29,9 +29,9 @@ from typing import Any, Optional
 import numpy as np
 
 from mergelab.errors import ConfigError, InputError
-from mergelab.evaluate.data import Row, iter_limited, load_rows
+from mergelab.evaluate.data import Row, load_rows
 from mergelab.evaluate.results import summarize_mean
-from mergelab.evaluate.tasks.base import Context, Task, TaskResult, register_task
+from mergelab.evaluate.tasks.base import Context, Task, TaskResult, iter_limited, register_task
 
 LETTERS = string.ascii_uppercase
 

@@ -43,11 +43,11 @@ from typing import Any, Optional
 import numpy as np
 
 from mergelab.errors import ConfigError, InputError
-from mergelab.evaluate.data import Row, iter_limited, load_rows, read_file
+from mergelab.evaluate.data import Row, load_rows, read_file
 from mergelab.evaluate.results import summarize_mean
 from mergelab.evaluate.runner import GenerationParams, GenerationRequest
 from mergelab.evaluate.sandbox import Limits, Sandbox
-from mergelab.evaluate.tasks.base import Context, Task, TaskResult, register_task
+from mergelab.evaluate.tasks.base import Context, Task, TaskResult, iter_limited, register_task
 
 STOP_SEQUENCES = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 # lm-eval's humaneval_instruct: doc_to_text and gen_prefix.

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from mergelab.errors import ConfigError, InputError
-from mergelab.evaluate.data import Row, iter_limited, load_rows
+from mergelab.evaluate.data import Row, load_rows
 from mergelab.evaluate.judges import ChatClient, cached_completions, grading_conversation, parse_rating
 from mergelab.evaluate.results import summarize_mean
 from mergelab.evaluate.runner import GenerationParams, GenerationRequest
-from mergelab.evaluate.tasks.base import Context, Task, TaskResult, register_task
+from mergelab.evaluate.tasks.base import Context, Task, TaskResult, iter_limited, register_task
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,9 @@ from typing import Optional
 import numpy as np
 
 from mergelab.errors import ConfigError, InputError
-from mergelab.evaluate.data import iter_limited, load_rows
+from mergelab.evaluate.data import load_rows
 from mergelab.evaluate.results import summarize_ratio
-from mergelab.evaluate.tasks.base import Context, Task, TaskResult, register_task
+from mergelab.evaluate.tasks.base import Context, Task, TaskResult, iter_limited, register_task
 
 
 @register_task("perplexity")

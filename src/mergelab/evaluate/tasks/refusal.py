@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from mergelab.errors import ConfigError, InputError
-from mergelab.evaluate.data import Row, iter_limited, load_rows
+from mergelab.evaluate.data import Row, load_rows
 from mergelab.evaluate.judges import make_refusal_judge
 from mergelab.evaluate.results import summarize_mean
 from mergelab.evaluate.runner import GenerationParams, GenerationRequest
-from mergelab.evaluate.tasks.base import Context, Task, TaskResult, register_task, unescape
+from mergelab.evaluate.tasks.base import Context, Task, TaskResult, iter_limited, register_task, unescape
 
 
 def _categories(row: Row) -> list[str]:
