@@ -151,3 +151,60 @@ def test_parse_size_refuses_sizes_below_one_byte(text):
 )
 def test_parse_size(text, size):
     assert parse_size(text) == size
+
+
+def _safetensors_file(path: Path, entries: list[tuple[str, str, list[int], bytes]]) -> None:
+    """Write a safetensors file by hand, in the given order (the library would reorder, and align)."""
+    header, data = {}, b""
+    for name, dtype, shape, raw in entries:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + data)
+
+
+def test_a_mapped_tensor_is_private_and_unmapped_when_dropped(tmp_path):
+    tensor = torch.arange(300_000, dtype=torch.float32)
+    save_file({"a": tensor}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text("{}")
+    checkpoint = Checkpoint(tmp_path)
+    file = str((tmp_path / "model.safetensors").resolve())
+
+    def mappings() -> int:
+        return Path("/proc/self/maps").read_text().count(file)
+
+    before = mappings()
+    read = checkpoint.get_tensor("a")
+    if Path("/proc/self/maps").exists():
+        assert mappings() > before
+    read.mul_(-1)  # copy-on-write: this process's copy only
+    assert torch.equal(read, -tensor)
+    assert torch.equal(load_file(str(tmp_path / "model.safetensors"))["a"], tensor)
+    assert torch.equal(checkpoint.get_tensor("a"), tensor)
+    del read
+    if Path("/proc/self/maps").exists():
+        assert mappings() == before
+
+
+def test_tensors_not_aligned_to_their_element_size_are_read(tmp_path):
+    odd = torch.tensor([7], dtype=torch.uint8)
+    value = torch.tensor([1.5, -2.25, 3.0], dtype=torch.float32)
+    _safetensors_file(tmp_path / "model.safetensors", [
+        ("odd", "U8", [1], odd.numpy().tobytes()),
+        ("value", "F32", [3], value.numpy().tobytes()),  # data starts one byte after an 8-byte boundary
+    ])
+    (tmp_path / "config.json").write_text("{}")
+    checkpoint = Checkpoint(tmp_path)
+    assert torch.equal(checkpoint.get_tensor("value"), value)
+    assert torch.equal(checkpoint.get_tensor("odd"), odd)
+
+
+def test_a_file_truncated_after_opening_is_reported(tmp_path):
+    save_file({"a": torch.zeros(100_000)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text("{}")
+    checkpoint = Checkpoint(tmp_path)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:-5000])
+    with pytest.raises(InputError, match="unexpected end of file reading 'a'"):
+        checkpoint.get_tensor("a")

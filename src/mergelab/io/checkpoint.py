@@ -1,14 +1,18 @@
 """Read a Hugging Face model directory lazily: config, (sharded) safetensors, tokenizer files.
 
 Only headers are read when a ``Checkpoint`` is opened, so validating many large inputs
-costs milliseconds. Tensors are read one at a time, when the engine asks for them, by
-positioned reads straight into a fresh tensor.
+costs milliseconds. Tensors are read one at a time, when the engine asks for them: each
+is mapped from the file (copy-on-write) and its pages are populated from the page cache
+on the reading thread, so that no tensor is copied, and no fresh memory is faulted in,
+merely to be read once.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +138,54 @@ def read_tensor(fd: int, info: TensorInfo, path: Path):
     return tensor
 
 
+MADV_POPULATE_READ = 22  # Linux >= 5.14: fault the pages of a range in, readable, now
+
+
+def _libc_madvise() -> Any:
+    """libc's madvise through ctypes (which releases the GIL while the kernel reads), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+_MADVISE = _libc_madvise()
+
+
+def map_tensor(fd: int, info: TensorInfo, path: Path):
+    """The tensor ``info`` of the open safetensors file ``fd``, mapped copy-on-write.
+
+    No copy is made: the tensor's storage is a private mapping of the file's pages
+    (writing to it changes this process's copy only, never the file), and the mapping is
+    unmapped when the tensor is dropped. Its pages are faulted in here, on the reading
+    thread, with the GIL released, so the thread that computes finds them resident.
+    Tensors whose data is not aligned to their element size, and empty ones, are read
+    by :func:`read_tensor` instead.
+    """
+    import torch
+
+    element = DTYPE_BYTES[info.dtype]
+    if not info.nbytes or info.offset % element:
+        return read_tensor(fd, info, path)
+    start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
+    lead = info.offset - start
+    try:
+        mapping = mmap.mmap(fd, lead + info.nbytes, access=mmap.ACCESS_COPY, offset=start)
+    except ValueError:  # the file is shorter than its header says
+        raise InputError(f"{path}: unexpected end of file reading '{info.name}'.") from None
+    tensor = torch.frombuffer(mapping, dtype=getattr(torch, info.dtype), count=info.numel, offset=lead)
+    if _MADVISE is not None:
+        _MADVISE(tensor.data_ptr() - lead, lead + info.nbytes, MADV_POPULATE_READ)  # a hint: failure is harmless
+    return tensor.view(info.shape)
+
+
 def _refuse_pickles(directory: Path) -> None:
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
@@ -186,7 +238,7 @@ class Checkpoint:
     """A Hugging Face causal-LM directory with safetensors weights, read lazily.
 
     Opening validates the directory and reads every shard's header; ``get_tensor``
-    reads one tensor through a memory map. Safe to call from several threads.
+    maps one tensor from its file. Safe to call from several threads.
     """
 
     def __init__(self, reference: str | os.PathLike[str]):
@@ -281,14 +333,10 @@ class Checkpoint:
             return fd
 
     def get_tensor(self, tensor_name: str):
-        """Read one tensor into a fresh CPU tensor the caller owns.
-
-        Plain positioned reads into a preallocated tensor rather than a memory map: one
-        copy from the page cache, and no mapped pages lingering in the process's
-        resident memory after the tensor is dropped.
-        """
+        """One tensor, as a CPU tensor the caller owns (:func:`map_tensor`: a private
+        mapping of the file, unmapped when the tensor is dropped)."""
         info = self.info(tensor_name)
-        return read_tensor(self._fd(info.file), info, self.path / info.file)
+        return map_tensor(self._fd(info.file), info, self.path / info.file)
 
     def close(self) -> None:
         with self._lock:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from mergelab.methods.numerics import combine
 from mergelab.methods.registry import Param, merge_method, refuse_zero_weight_sum
 
 
@@ -22,9 +23,7 @@ def linear(tensors, *, weight, normalize=True):
     """θ = Σ_i w_i θ_i  (÷ Σ_i w_i if normalize); computed in float32 (float64 inputs stay float64)."""
     first = tensors[0]
     dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-    result = torch.zeros(first.shape, dtype=dtype, device=first.device)
-    for tensor, coefficient in zip(tensors, weight):
-        result.add_(tensor.to(dtype), alpha=coefficient)
+    result = combine(tensors, weight, dtype)  # chunk by chunk: w_1 θ_1, then + w_i θ_i in turn
     if normalize:
         result.div_(sum(weight))
     return result.to(first.dtype)
