@@ -108,6 +108,9 @@ def test_bad_input_exits_2_with_file_and_line(tiny_dir, tmp_path):
 
 INTERRUPT_AFTER_TWO_BATCHES = """
 import os, signal, sys
+# Python's own Ctrl-C handler, even when this test runs in a background job (whose shell
+# started it with SIGINT ignored, and then Python installs no handler at all).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from mergelab.evaluate import runner
 stored = runner.Runner._store
 batches = []
