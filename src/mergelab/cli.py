@@ -123,11 +123,12 @@ app.add_typer(lora_app, name="lora")
 def _lora_options(device: str, threads: Optional[int], force: bool, seed: Optional[int], progress: bool,
                   out_shard_size: str = "5GB"):
     """The options of a lora command, checked (device, threads, shard size) before anything else, dry runs included."""
-    from mergelab.lora.output import LoraOptions, check_options
+    from mergelab import engine
+    from mergelab.lora.output import LoraOptions
 
     options = LoraOptions(device=device, threads=threads, force=force, seed=seed, progress=progress,
                           out_shard_size=out_shard_size)
-    _guard(lambda: check_options(options))
+    _guard(lambda: engine.check_options(options))
     return options
 
 

@@ -37,10 +37,17 @@ def check_threads(threads: int | None) -> None:
         raise ConfigError(f"--threads {threads}: give a positive number of CPU threads, or leave it out to use all cores.")
 
 
-def check_options(device: str, threads: int | None) -> None:
-    """Refuse a device or thread count that cannot be used, before any input is read."""
-    resolve_device(device)
-    check_threads(threads)
+def check_options(options: Any) -> int:
+    """Refuse a device, thread count or shard size that cannot be used, before any input is read.
+
+    ``options`` is a command's options (``MergeOptions``, ``LoraOptions``): anything with
+    ``device``, ``threads`` and ``out_shard_size``. Returns the shard size in bytes.
+    """
+    from mergelab.io import parse_size
+
+    resolve_device(options.device)
+    check_threads(options.threads)
+    return parse_size(options.out_shard_size)
 
 
 def apply_threads(threads: int | None) -> None:

@@ -123,10 +123,10 @@ def run_bake(base_reference: str, adapter_references: Sequence[str], out_dir: st
     """Write base + Σ w_i ΔW_i to ``out_dir`` (a Hugging Face model directory)."""
     from mergelab import engine
     from mergelab.io import OutputDirectory, ShardedWriter
-    from mergelab.lora.output import LoraOptions, LoraResult, check_options
+    from mergelab.lora.output import LoraOptions, LoraResult
 
     options = options or LoraOptions()
-    shard_bytes = check_options(options)
+    shard_bytes = engine.check_options(options)
     output = OutputDirectory(out_dir, force=options.force)  # before any model is fetched
     plan = plan_bake(base_reference, adapter_references, weights)
     output.protect(s.path for s in plan.sources.values())

@@ -33,7 +33,6 @@ from mergelab.lora.output import (
     CollectingSink,
     LoraOptions,
     LoraResult,
-    check_options,
     reconstruction_report,
     write_adapter_files,
 )
@@ -260,7 +259,7 @@ def run_extract(base_reference: str, finetuned_reference: str, out_dir: str | Pa
     from mergelab.lora.factor import rank_for_energy
 
     options = options or LoraOptions()
-    check_options(options)
+    engine.check_options(options)
     output = OutputDirectory(out_dir, force=options.force)  # before any model is fetched
     plan = plan_extract(base_reference, finetuned_reference, rank=rank, energy=energy, out_dtype=out_dtype,
                         error_threshold=error_threshold)

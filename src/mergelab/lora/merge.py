@@ -55,7 +55,6 @@ from mergelab.lora.output import (
     CollectingSink,
     LoraOptions,
     LoraResult,
-    check_options,
     reconstruction_report,
     write_adapter_files,
 )
@@ -614,7 +613,7 @@ def run_lora_merge(config_path: str | Path, out_dir: str | Path, options: Any = 
     from mergelab.io.adapter import ADAPTER_WEIGHTS
 
     options = options or LoraOptions()
-    check_options(options)
+    engine.check_options(options)
     output = OutputDirectory(out_dir, force=options.force, inputs=[config_path])  # before any adapter is fetched
     seed = options.seed if options.seed is not None else secrets.randbelow(2**31)
     plan, text = load_and_plan(config_path, seed)

@@ -36,15 +36,6 @@ class LoraOptions:
     out_shard_size: str = "5GB"  # bake only: the full checkpoint's shards
 
 
-def check_options(options: LoraOptions) -> int:
-    """Check the device, thread count and shard size before any input is read; return the shard size in bytes."""
-    from mergelab import engine
-    from mergelab.io import parse_size
-
-    engine.check_options(options.device, options.threads)
-    return parse_size(options.out_shard_size)
-
-
 @dataclass
 class LoraResult:
     out_dir: Path

@@ -18,7 +18,7 @@ from mergelab.merge.plan import MergePlan, plan_merge
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "MergeOptions", "MergePlan", "MergeResult", "check_options", "describe_plan", "dry_run", "load_and_plan",
+    "MergeOptions", "MergePlan", "MergeResult", "describe_plan", "dry_run", "load_and_plan",
     "plan_merge", "run_merge",
 ]
 
@@ -48,18 +48,11 @@ def load_and_plan(config_path: str | Path, seed: Optional[int] = None) -> tuple[
     return plan_merge(config, str(config_path), seed), text
 
 
-def check_options(options: MergeOptions) -> int:
-    """Check the device, thread count and shard size before any input is read; return the shard size in bytes."""
-    from mergelab import engine
-    from mergelab.io import parse_size
-
-    engine.check_options(options.device, options.threads)
-    return parse_size(options.out_shard_size)
-
-
 def dry_run(config_path: str | Path, options: MergeOptions = MergeOptions()) -> str:
     """Validate the options and the recipe against its inputs' headers; return the plan as text."""
-    check_options(options)
+    from mergelab import engine
+
+    engine.check_options(options)
     plan, _ = load_and_plan(config_path, options.seed)
     return describe_plan(plan, options.prefetch)
 
@@ -69,7 +62,7 @@ def run_merge(config_path: str | Path, out_dir: str | Path, options: MergeOption
     from mergelab import engine
     from mergelab.io import OutputDirectory, ShardedWriter
 
-    shard_bytes = check_options(options)
+    shard_bytes = engine.check_options(options)
     output = OutputDirectory(out_dir, force=options.force, inputs=[config_path])  # before any model is fetched
     seed = options.seed if options.seed is not None else secrets.randbelow(2**31)
     plan, text = load_and_plan(config_path, seed)
