@@ -223,7 +223,7 @@ def run_method(method: str, root: Path, scratch: Path, runs: int, seed: int, dev
     if device != "cpu":
         ours_cmd += ["--device", device]
         theirs_cmd += ["--cuda"]
-    io_floor(root, scratch, inputs)  # warms the page cache; not counted
+    io_floor(root, scratch, inputs)  # a warm-up run (imports, page cache); not counted
     ours, theirs, floors = [], [], []
     for _ in range(runs):  # alternate the three so drift affects all alike
         warm_page_cache(inputs)
