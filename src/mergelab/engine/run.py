@@ -13,7 +13,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from mergelab.engine.task import TaskOutput, TensorSource, TensorTask
 from mergelab.errors import ComputeError, ConfigError, InputError
@@ -31,17 +31,29 @@ class RunStats:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # task name -> its op's metrics
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How a command runs the engine (``mergelab merge``, the ``lora`` commands and any later one)."""
+
+    device: str = "cpu"
+    threads: Optional[int] = None  # torch compute threads; None: torch's default (all cores)
+    out_shard_size: str = "5GB"  # full checkpoints only: adapters are always one file
+    force: bool = False  # replace an existing output directory
+    seed: Optional[int] = None  # for random methods (DARE, DELLA); None: drawn and recorded
+    prefetch: int = 2  # tasks whose inputs are read ahead of the one computing
+    progress: bool = True
+
+
 def check_threads(threads: int | None) -> None:
     """Refuse a thread count torch cannot use (None means torch's default: all cores)."""
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads {threads}: give a positive number of CPU threads, or leave it out to use all cores.")
 
 
-def check_options(options: Any) -> int:
+def check_options(options: RunOptions) -> int:
     """Refuse a device, thread count or shard size that cannot be used, before any input is read.
 
-    ``options`` is a command's options (``MergeOptions``, ``LoraOptions``): anything with
-    ``device``, ``threads`` and ``out_shard_size``. Returns the shard size in bytes.
+    Returns the shard size in bytes.
     """
     from mergelab.io import parse_size
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import mergelab
+from mergelab.engine import RunOptions
 from mergelab.errors import ComputeError
 from mergelab.lora.factor import relative_error
 
@@ -25,15 +26,7 @@ def adapter_source(index: int) -> str:
     return f"adapters[{index}]"
 
 
-@dataclass(frozen=True)
-class LoraOptions:
-    device: str = "cpu"
-    threads: Optional[int] = None
-    force: bool = False
-    seed: Optional[int] = None
-    prefetch: int = 2
-    progress: bool = True
-    out_shard_size: str = "5GB"  # bake only: the full checkpoint's shards
+LoraOptions = RunOptions  # how a lora command runs (out_shard_size: bake only; adapters are one file)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from mergelab.config import load_config
+from mergelab.engine import RunOptions
 from mergelab.merge.output import write_model_files
 from mergelab.merge.plan import MergePlan, plan_merge
 
@@ -23,15 +24,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class MergeOptions:
-    device: str = "cpu"
-    threads: Optional[int] = None
-    out_shard_size: str = "5GB"
-    force: bool = False
-    seed: Optional[int] = None
-    prefetch: int = 2
-    progress: bool = True
+MergeOptions = RunOptions  # how the merge runs: device, threads, shard size, --force, --seed
 
 
 @dataclass(frozen=True)
