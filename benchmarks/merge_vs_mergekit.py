@@ -182,14 +182,18 @@ def warm_page_cache(models: list[str]) -> None:
 # Plain positioned reads of every tensor into process memory (what loading a tensor
 # means to most tools), then the output written as mergelab writes it.
 IO_FLOOR = r"""
-import sys
+import os, sys
 from mergelab.io import Checkpoint, OutputTensor, ShardedWriter
 from mergelab.io.checkpoint import read_tensor
 inputs = [Checkpoint(p) for p in sys.argv[2:]]
 reference = inputs[0]
+fds = {}
 def read(checkpoint, name):
     info = checkpoint.info(name)
-    return read_tensor(checkpoint._fd(info.file), info, checkpoint.path / info.file)
+    path = checkpoint.path / info.file
+    if path not in fds:
+        fds[path] = os.open(path, os.O_RDONLY)
+    return read_tensor(fds[path], info, path)
 for checkpoint in inputs:
     for name in checkpoint.tensors:
         tensor = read(checkpoint, name)
