@@ -10,8 +10,9 @@ import pytest
 import torch
 from lora_support import lora_layers, peft_deltas, peft_model
 
-from mergelab.io import OutputTensor, ShardedWriter, open_model
-from mergelab.io.adapter import Adapter, AdaptedModel, split_adapted_reference
+from mergelab.io import OutputTensor, ShardedWriter
+from mergelab.io.adapter import Adapter
+from mergelab.lora.adapted import AdaptedModel, open_model, split_adapted_reference
 
 
 @pytest.mark.parametrize("name", ["plain", "rslora", "patterned", "extras"])

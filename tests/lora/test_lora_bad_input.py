@@ -159,12 +159,13 @@ def bake_cases(loras, broken) -> dict[str, tuple[list[str], str]]:
         "rank 0 in the adapter": ([base, broken["rank_zero"]], "a LoRA rank must be at least 1"),
         "weights do not match adapters": ([base, plain, "--weights", "1,2"], "--weights gives 2 values for 1 adapters"),
         "no adapter": ([base], "give BASE, at least one ADAPTER and OUT_DIR"),
+        "one adapter twice": ([base, plain, plain], "is given twice"),
     }
 
 
 @pytest.mark.parametrize("case", [
     "adapter of a different size", "unknown target module", "missing base", "missing adapter", "pickled adapter",
-    "rank 0 in the adapter", "weights do not match adapters", "no adapter",
+    "rank 0 in the adapter", "weights do not match adapters", "no adapter", "one adapter twice",
 ])
 def test_lora_bake_refuses(loras, broken, tmp_path, case):
     args, message = bake_cases(loras, broken)[case]

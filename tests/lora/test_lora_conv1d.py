@@ -70,18 +70,18 @@ def test_extract_then_bake_round_trips_a_tied_gpt2(tied, tmp_path):
     run_extract(str(base), str(finetune), tmp_path / "extracted", rank=FULL_RANK, options=QUIET)
     baked = run_bake(str(base), [str(tmp_path / "extracted")], tmp_path / "baked", options=QUIET).out_dir
     ours, theirs = load_model_tensors(baked), load_model_tensors(finetune)
-    assert set(ours) == set(theirs)
+    # The adapter saves the tied head as its own modules_to_save copy, so the baked model is untied.
+    assert set(ours) == set(theirs) | {"lm_head.weight"}
+    assert json.loads((baked / "config.json").read_text())["tie_word_embeddings"] is False
+    torch.testing.assert_close(ours.pop("lm_head.weight"), theirs["transformer.wte.weight"], rtol=0, atol=1e-6)
     for name, tensor in theirs.items():
         torch.testing.assert_close(ours[name], tensor, rtol=0, atol=1e-6, msg=name)
     with torch.no_grad():
-        torch.testing.assert_close(causal_lm(baked)(TOKENS).logits, causal_lm(finetune)(TOKENS).logits,
-                                   rtol=0, atol=1e-5)
-        # PEFT applies the Conv1D updates the same way (compared below the output head, which PEFT's
-        # modules_to_save does not keep tied to a replaced embedding).
+        expected = causal_lm(finetune)(TOKENS).logits
+        torch.testing.assert_close(causal_lm(baked)(TOKENS).logits, expected, rtol=0, atol=1e-5)
+        # PEFT computes the fine-tune's logits from the extracted adapter, head included.
         model = peft_model(base, {"x": str(tmp_path / "extracted")}).eval()
-        hidden = model.base_model.model.transformer(TOKENS).last_hidden_state
-        torch.testing.assert_close(hidden, causal_lm(finetune).transformer(TOKENS).last_hidden_state,
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(TOKENS).logits, expected, rtol=0, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +108,17 @@ def test_bake_of_a_gpt2_adapter_equals_merge_and_unload(untied, gpt2_adapters, t
     for tensor_name, tensor in ours.items():
         assert torch.equal(tensor, merged[tensor_name]), tensor_name
         assert torch.equal(tensor, reference[tensor_name]), tensor_name
+
+
+def test_base_plus_a_gpt2_adapter_reads_it_as_peft_does(untied, gpt2_adapters):
+    """BASE+ADAPTER lays the adapter out like the base (c_proj is square: a wrong layout would not fail)."""
+    from mergelab.lora.adapted import open_model
+
+    base, _ = untied
+    reference = peft_model(base, {"x": gpt2_adapters["first"]}).merge_and_unload().state_dict()
+    adapted = open_model(f"{base}+{gpt2_adapters['unflagged']}")
+    for tensor_name in ("transformer.h.0.attn.c_proj.weight", "transformer.h.1.mlp.c_fc.weight"):
+        assert torch.equal(adapted.get_tensor(tensor_name), reference[tensor_name]), tensor_name
 
 
 def test_lora_merge_of_gpt2_adapters_is_the_weighted_sum_of_peft_updates(untied, gpt2_adapters, tmp_path):

@@ -11,7 +11,7 @@ import torch
 from helpers import load_model_tensors
 from lora_support import peft_model, relative
 
-from mergelab.io import open_model
+from mergelab.lora.adapted import open_model
 from mergelab.lora.bake import run_bake
 from mergelab.lora.extract import run_extract
 from mergelab.lora.output import LoraOptions

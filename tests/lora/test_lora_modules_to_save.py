@@ -92,3 +92,31 @@ def test_a_lora_module_and_a_full_copy_of_it_are_refused(loras, savers, tmp_path
     assert "module 'lm_head'" in message and savers["head_lora"] in message and savers["first"] in message
     assert "mergelab lora bake" in message
     assert not (tmp_path / "out").exists()
+
+
+def test_adapters_saving_the_frozen_embedding_beside_its_lora_merge_without_a_base(loras, tmp_path):
+    """PEFT saves embed_tokens.base_layer.weight with an embedding LoRA: the base's own matrix,
+    equal in every adapter, so it is no conflict."""
+    other = make_adapter(loras.base, tmp_path / "other_embedding", 21, r=2, lora_alpha=4,
+                         target_modules=ATTENTION_AND_MLP + ["embed_tokens"])
+    frozen = "base_model.model.model.embed_tokens.base_layer.weight"
+    assert frozen in load_file(f"{other}/adapter_model.safetensors")
+    lora_merge({"adapters": [{"adapter": loras.path("embedding")}, {"adapter": str(other)}],
+                "merge_method": "task_arithmetic", "parameters": {"weight": 1.0}, "rank": 6}, tmp_path / "merged")
+    ours = load_file(str(tmp_path / "merged" / "adapter_model.safetensors"))[frozen]
+    assert torch.equal(ours, load_file(str(loras.base / "model.safetensors"))["model.embed_tokens.weight"])
+
+
+def test_a_saved_bias_beside_another_adapters_lora_on_its_module_merges(tmp_path):
+    """bias="all" saves k_proj.bias in full; LoRA on k_proj's weight in another adapter is no conflict."""
+    from mergelab.zoo.random_models import make_model
+
+    base = make_model(tmp_path / "qwen2", "qwen2", seed=0, tokenizer=False, hidden=32, layers=2, intermediate=64)
+    lora = make_adapter(base, tmp_path / "lora", 31, r=2, lora_alpha=4, target_modules=["k_proj"])
+    biases = make_adapter(base, tmp_path / "biases", 32, r=2, lora_alpha=4, target_modules=["q_proj"], bias="all")
+    saved = "base_model.model.model.layers.0.self_attn.k_proj.bias"
+    assert saved in load_file(f"{biases}/adapter_model.safetensors")
+    lora_merge({"adapters": [{"adapter": str(lora)}, {"adapter": str(biases)}], "merge_method": "task_arithmetic",
+                "parameters": {"weight": 1.0}, "rank": 4, "base_model": str(base)}, tmp_path / "merged")
+    merged = load_file(str(tmp_path / "merged" / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight" in merged and saved in merged

@@ -1,6 +1,6 @@
 """Reading and writing checkpoints: lazy safetensors inputs, streamed sharded outputs."""
 
-from mergelab.io.checkpoint import Checkpoint, TensorInfo, open_model, resolve_model_dir
+from mergelab.io.checkpoint import Checkpoint, TensorInfo, resolve_model_dir
 from mergelab.io.writer import LiveModelSink, OutputDirectory, OutputTensor, ShardedWriter, parse_size
 
 __all__ = [
@@ -10,7 +10,6 @@ __all__ = [
     "OutputTensor",
     "ShardedWriter",
     "TensorInfo",
-    "open_model",
     "parse_size",
     "resolve_model_dir",
 ]

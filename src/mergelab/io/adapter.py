@@ -1,4 +1,4 @@
-"""PEFT LoRA adapter directories: read them, write them, and apply them to a base on the fly.
+"""PEFT LoRA adapter directories: read them and write them.
 
 A PEFT adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors``
 whose tensors are named ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``
@@ -16,9 +16,9 @@ Other tensors are full copies that replace the base's: ``modules_to_save`` modul
 (``base_model.model.lm_head.weight``) and base layers PEFT saved beside a LoRA module
 (``...embed_tokens.base_layer.weight``).
 
-``AdaptedModel`` is a tensor source that reads like a ``Checkpoint`` of the base and
-returns W + Σ ΔW per tensor, computed when a tensor is asked for: this is what a model
-reference ``BASE+ADAPTER`` (mergekit's syntax) means.
+Applying adapters to a base (``BASE+ADAPTER``, ``lora bake``) is ``mergelab.lora.adapted``'s
+work: it needs the base's architecture (how it stores Conv1D weights, whether it ties its
+embeddings), which this package does not know.
 """
 
 from __future__ import annotations
@@ -31,12 +31,11 @@ import re
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from mergelab.errors import InputError
 from mergelab.io.checkpoint import (
     PICKLE_SUFFIXES,
-    Checkpoint,
     TensorInfo,
     read_safetensors_header,
     read_tensor,
@@ -600,118 +599,6 @@ def plan_updates(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[
         for base_name, adapter_name in adapter.full_tensors.items():
             terms.setdefault(base_name, []).append(UpdateTerm("full", index, (adapter_name,), weight))
     return {name: TensorUpdate(tuple(found)) for name, found in terms.items()}
-
-
-class AdaptedModel:
-    """A base checkpoint with LoRA adapters applied on the fly: reads like a ``Checkpoint``.
-
-    ``get_tensor(name)`` returns W + Σ_i w_i ΔW_i for the tensors the adapters change
-    (computed in float32, or float64 for float64 bases, and returned in the base's dtype),
-    and the base tensor otherwise. Nothing is written to disk.
-    """
-
-    def __init__(self, base: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[float] | None = None,
-                 reference: str | None = None):
-        if not adapters:
-            raise InputError("an adapted model needs at least one adapter.")
-        weights = list(weights) if weights is not None else [1.0] * len(adapters)
-        if len(weights) != len(adapters):
-            raise InputError(f"{len(weights)} weights given for {len(adapters)} adapters; give one weight per adapter.")
-        for adapter in adapters:
-            adapter.check_base(base.tensors, base.reference)
-        self.base = base
-        self.adapters = list(adapters)
-        self.weights = weights
-        self.reference = reference or "+".join([base.reference] + [a.reference for a in adapters])
-        self.updates = plan_updates(self.adapters, weights)
-
-    # ---- Checkpoint facts, from the base -------------------------------------------------
-    @property
-    def name(self) -> str:
-        return self.reference
-
-    @property
-    def path(self) -> Path:
-        return self.base.path
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return self.base.config
-
-    @property
-    def tensors(self) -> dict[str, TensorInfo]:
-        return self.base.tensors
-
-    @property
-    def num_layers(self) -> int | None:
-        return self.base.num_layers
-
-    @property
-    def tokenizer_files(self) -> list[Path]:
-        return self.base.tokenizer_files
-
-    def __contains__(self, tensor_name: str) -> bool:
-        return tensor_name in self.base.tensors
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.base.tensors)
-
-    def info(self, tensor_name: str) -> TensorInfo:
-        return self.base.info(tensor_name)
-
-    # ---- data ----------------------------------------------------------------------------
-    def get_tensor(self, tensor_name: str) -> Any:
-        import torch
-
-        weight = self.base.get_tensor(tensor_name)
-        update = self.updates.get(tensor_name)
-        if update is None:
-            return weight
-        work = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        loaded = [self.adapters[index].get_tensor(name).to(work) for index, name in update.inputs]
-        return update.apply(weight.to(work), loaded).to(weight.dtype)
-
-    def close(self) -> None:
-        self.base.close()
-        for adapter in self.adapters:
-            adapter.close()
-
-    def __repr__(self) -> str:
-        return f"AdaptedModel({self.reference!r}, {len(self.updates)} tensors changed)"
-
-
-def split_adapted_reference(reference: str) -> tuple[str, list[str]]:
-    """Split ``BASE+ADAPTER[+ADAPTER...]`` into its parts.
-
-    Paths may themselves contain '+': the split whose every part exists locally wins;
-    without one, each '+' separates parts (mergekit's rule, for Hub or zoo names).
-    """
-    parts = reference.split("+")
-    if any(not part.strip() for part in parts):
-        raise InputError(f"model reference '{reference}': empty part around '+'; write BASE+ADAPTER.")
-
-    def splits(start: int) -> Iterator[list[str]]:
-        if start == len(parts):
-            yield []
-            return
-        for end in range(start + 1, len(parts) + 1):
-            piece = "+".join(parts[start:end])
-            if Path(piece).expanduser().exists():
-                for rest in splits(end):
-                    yield [piece, *rest]
-
-    for pieces in splits(0):
-        if len(pieces) >= 2:
-            return pieces[0], pieces[1:]
-    return parts[0], parts[1:]
-
-
-def open_adapted_model(reference: str) -> AdaptedModel:
-    """Open ``BASE+ADAPTER[+ADAPTER...]`` as an ``AdaptedModel`` (every adapter with weight 1)."""
-    base_reference, adapter_references = split_adapted_reference(reference)
-    base = Checkpoint(base_reference)
-    adapters = [Adapter(item) for item in adapter_references]
-    return AdaptedModel(base, adapters, reference=reference)
 
 
 # ---------------------------------------------------------------------------------------

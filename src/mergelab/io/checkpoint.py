@@ -352,19 +352,3 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.reference!r}, {len(self.tensors)} tensors)"
-
-
-def open_model(reference: str) -> Checkpoint:
-    """Open a model reference as a tensor source: a model directory or a Hub ``org/name``,
-    or ``BASE+ADAPTER[+ADAPTER...]`` (mergekit's syntax): the base with PEFT LoRA adapters
-    applied on the fly, tensor by tensor (an ``AdaptedModel``, which reads like a Checkpoint).
-
-    This is the one place that maps the references users write in recipes to sources,
-    so that every planner understands every kind of reference. A path that exists is
-    always a model directory, even when its name contains '+'.
-    """
-    if "+" in reference and not Path(reference).expanduser().exists():
-        from mergelab.io.adapter import open_adapted_model
-
-        return open_adapted_model(reference)  # type: ignore[return-value]
-    return Checkpoint(reference)

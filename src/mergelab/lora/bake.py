@@ -6,7 +6,9 @@ One task per base tensor: the tensors adapters change read the base weight and e
 adapter's factors (W + Σ w_i·scaling_i·B_i·A_i, in float32, written in the base's dtype);
 the rest are copied. With weight 1 the result equals PEFT's ``merge_and_unload`` (the same
 operations in the same order, so float32 is bit-identical), including embedding LoRA and
-``modules_to_save`` copies, which replace the base's tensors.
+``modules_to_save`` copies, which replace the base's tensors. A base with tied embeddings
+whose embeddings or head an adapter changes is written untied, as the adapted model
+computes it (``mergelab.lora.adapted``).
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from mergelab.arch import stores_transposed
 from mergelab.engine import CopyInput, TensorRef, TensorTask
 from mergelab.errors import ConfigError
-from mergelab.io import Checkpoint, OutputTensor, open_model
-from mergelab.io.adapter import Adapter, TensorUpdate, plan_updates
+from mergelab.io import Checkpoint, OutputTensor
+from mergelab.io.adapter import Adapter, TensorUpdate
+from mergelab.lora.adapted import AdaptedModel, open_model
 from mergelab.lora.output import BASE_SOURCE, adapter_source
 
 log = logging.getLogger(__name__)
@@ -47,9 +49,16 @@ class BakeOp:
 class BakePlan:
     base: Checkpoint
     base_reference: str
-    adapters: list[Adapter]
-    weights: list[float]
+    adapted: AdaptedModel
     tasks: list[TensorTask]
+
+    @property
+    def adapters(self) -> list[Adapter]:
+        return self.adapted.adapters
+
+    @property
+    def weights(self) -> list[float]:
+        return self.adapted.weights
 
     @property
     def sources(self) -> dict[str, Any]:
@@ -73,23 +82,19 @@ def plan_bake(base_reference: str, adapter_references: Sequence[str], weights: O
         raise ConfigError(f"{len(weights)} weights for {len(adapter_references)} adapters; give one weight per adapter.")
     base = open_model(base_reference)
     adapters = [Adapter(reference) for reference in adapter_references]
-    for adapter in adapters:
-        adapter.lay_out_like_base(lambda module: stores_transposed(module, base.config), base_reference)
-        adapter.check_base(base.tensors, base_reference)
-    updates = plan_updates(adapters, weights)
+    adapted = AdaptedModel(base, adapters, weights)
     tasks = []
-    for name, info in base.tensors.items():
+    for name, info in adapted.tensors.items():
         output = (OutputTensor(name, info.shape, info.dtype),)
-        update = updates.get(name)
+        start = TensorRef(BASE_SOURCE, adapted.source_name(name))
+        update = adapted.updates.get(name)
         if update is None or not info.is_floating_point:
-            tasks.append(TensorTask(output, (TensorRef(BASE_SOURCE, name),), CopyInput(0)))
+            tasks.append(TensorTask(output, (start,), CopyInput(0)))
             continue
-        inputs = (TensorRef(BASE_SOURCE, name),) + tuple(
-            TensorRef(adapter_source(index), tensor) for index, tensor in update.inputs
-        )
+        inputs = (start,) + tuple(TensorRef(adapter_source(index), tensor) for index, tensor in update.inputs)
         work = "float64" if info.dtype == "float64" else "float32"
         tasks.append(TensorTask(output, inputs, BakeOp(update), work))
-    return BakePlan(base, base_reference, adapters, weights, tasks)
+    return BakePlan(base, base_reference, adapted, tasks)
 
 
 def describe_bake_plan(plan: BakePlan) -> str:
@@ -99,6 +104,9 @@ def describe_bake_plan(plan: BakePlan) -> str:
                      f"modules, {len(adapter.full_tensors)} full tensors)")
     lines.append(f"output: {len(plan.tasks)} tensors, {plan.changed} changed by the adapters, "
                  f"{sum(t.out_bytes for t in plan.tasks) / 1e6:.1f} MB")
+    if plan.adapted.untied is not None:
+        lines.append(f"untied: the base ties its embeddings; the output gets its own '{plan.adapted.untied.head}' "
+                     f"(from '{plan.adapted.untied.embed}') and tie_word_embeddings: false")
     lines.append("")
     for task in plan.tasks:
         if isinstance(task.op, BakeOp):
@@ -135,7 +143,7 @@ def run_bake(base_reference: str, adapter_references: Sequence[str], out_dir: st
         writer = ShardedWriter(temporary, plan.layout, shard_bytes)
         stats = engine.run(plan.tasks, plan.sources, writer, device=options.device, prefetch=options.prefetch,
                            progress=options.progress, description="baking")
-        (temporary / "config.json").write_text(json.dumps(plan.base.config, indent=2, sort_keys=True) + "\n")
+        (temporary / "config.json").write_text(json.dumps(plan.adapted.config, indent=2, sort_keys=True) + "\n")
         for path in plan.base.tokenizer_files:
             shutil.copy2(path, temporary / path.name)
         (temporary / "README.md").write_text(_model_card(plan, Path(out_dir).name))

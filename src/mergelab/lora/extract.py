@@ -5,7 +5,9 @@
 As mergekit-extract-lora does: every linear weight inside the model (2-D, not an
 embedding or the output head) becomes a LoRA module, B·A ≈ W_ft − W_base by truncated SVD
 (to ``rank``, or per module to the smallest rank keeping ``energy`` of Σσ²); embeddings,
-the output head, norms and any other tensor are saved in full as ``modules_to_save``.
+the output head, norms and any other tensor are saved in full as ``modules_to_save`` (for
+models with tied embeddings the head too, as a copy of the fine-tune's embedding matrix:
+PEFT gives a tied ``lm_head`` in ``modules_to_save`` its own copy).
 Biases of LoRA modules are saved in full beside them (``<module>.base_layer.bias``), which
 PEFT loads into the base layer. Every module reports its relative reconstruction error.
 
@@ -24,8 +26,9 @@ from typing import Any, Optional
 from mergelab.arch import parse_name, stores_transposed
 from mergelab.engine import CopyInput, TaskOutput, TensorRef, TensorTask
 from mergelab.errors import ConfigError, InputError
-from mergelab.io import Checkpoint, OutputTensor, open_model
+from mergelab.io import Checkpoint, OutputTensor
 from mergelab.io.adapter import PEFT_PREFIX, adapter_config, exact_target_modules, lora_tensor_names
+from mergelab.lora.adapted import open_model, tied_head
 from mergelab.lora.config import default_error_threshold
 from mergelab.lora.output import (
     ADAPTER_SHARD_BYTES,
@@ -215,6 +218,13 @@ def plan_extract(base_reference: str, finetuned_reference: str, *, rank: Optiona
             continue
         full.append((name, f"{PEFT_PREFIX}{name}"))
         saved_modules.add(module.rsplit(".", 1)[-1] if module else name)
+    tied = tied_head(finetuned)
+    if tied is not None and tied_head(base) is not None:
+        # The fine-tune's head is its embedding matrix (a stored head is unused). PEFT gives a tied base's
+        # lm_head in modules_to_save its own copy, so saving the head too makes the adapter compute the
+        # fine-tune's logits.
+        full = [entry for entry in full if entry[0] != tied.head] + [(tied.embed, f"{PEFT_PREFIX}{tied.head}")]
+        saved_modules.add(tied.head.rsplit(".", 1)[0].rsplit(".", 1)[-1])
     ranks: dict[str, Optional[int]] = {m: (min(rank, min(shape)) if rank else None) for m, shape in modules.items()}
     return ExtractPlan(
         base=base, finetuned=finetuned, base_reference=base_reference, rank=rank, energy=energy,

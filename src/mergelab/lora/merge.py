@@ -31,7 +31,7 @@ from mergelab.arch import layer_index, stores_transposed
 from mergelab.config import resolve_tensor_params
 from mergelab.engine import CopyInput, TaskOutput, TensorRef, TensorTask
 from mergelab.errors import ConfigError, InputError
-from mergelab.io import Checkpoint, OutputTensor, open_model
+from mergelab.io import Checkpoint, OutputTensor
 from mergelab.io.adapter import (
     Adapter,
     LoraModule,
@@ -40,6 +40,7 @@ from mergelab.io.adapter import (
     lora_delta,
     lora_tensor_names,
 )
+from mergelab.lora.adapted import open_model, tensors_with_head
 from mergelab.lora.config import (
     CAT,
     LoraMergeConfig,
@@ -166,13 +167,16 @@ class CatOp:
 
 @dataclass(frozen=True)
 class EqualCopies:
-    """A TensorTask op for a non-float tensor several adapters save in full: the copies must agree.
+    """A TensorTask op for a tensor several adapters save in full that must be equal in all of them.
 
-    Nothing can be averaged for integer or boolean tensors, so they pass only when equal.
+    Nothing can be averaged for integer or boolean tensors; and the frozen base layer PEFT
+    saves beside a LoRA module (``embed_tokens.base_layer.weight``) is the base's own, so
+    without a base_model the copies are taken as they are when they agree.
     """
 
     tensor: str
     owners: tuple[str, ...]  # the saving adapters' references, in input order
+    fix: str = "remove it from all adapters but one"
 
     def __call__(self, inputs: list[Any]) -> Any:
         import torch
@@ -180,8 +184,8 @@ class EqualCopies:
         for owner, copy in zip(self.owners[1:], inputs[1:]):
             if not torch.equal(inputs[0], copy):
                 raise InputError(
-                    f"adapters '{self.owners[0]}' and '{owner}' save different values of the non-float tensor "
-                    f"'{self.tensor}' (modules_to_save), which cannot be merged; remove it from all adapters but one."
+                    f"adapters '{self.owners[0]}' and '{owner}' save different values of '{self.tensor}', "
+                    f"which cannot be merged here; {self.fix}."
                 )
         return inputs[0]
 
@@ -370,7 +374,7 @@ class _Planner:
             for adapter in self.adapters:
                 adapter.lay_out_like_base(lambda module: stores_transposed(module, base.config),
                                           self.config.base_model or "")
-                adapter.check_base(base.tensors, self.config.base_model or "")
+                adapter.check_base(tensors_with_head(base), self.config.base_model or "")
         prefixes = [a.layer_prefixes() for a in self.adapters]
         for index, found in enumerate(prefixes[1:], start=1):
             if found and prefixes[0] and not found & prefixes[0]:
@@ -505,9 +509,10 @@ class _Planner:
                 lora_owner.setdefault(module, adapter)
         for adapter in self.adapters:
             for base_name, adapter_name in adapter.full_tensors.items():
-                module = base_name.rsplit(".", 1)[0]
-                # a LoRA module's own base layer (e.g. resized embeddings, biases) is saved beside it
-                if ".base_layer." in adapter_name or module not in lora_owner:
+                module, _, parameter = base_name.rpartition(".")
+                # a LoRA module's own base layer (e.g. resized embeddings, biases) is saved beside it, and a
+                # saved bias (bias="all") leaves the module's weight to its LoRA
+                if ".base_layer." in adapter_name or parameter != "weight" or module not in lora_owner:
                     continue
                 raise InputError(
                     f"{self.source}: module '{module}' is a LoRA module in adapter '{lora_owner[module].reference}' "
@@ -531,7 +536,13 @@ class _Planner:
             info = first.info(output_name)
             out_dtype = self.config.out_dtype or info.dtype
             refs = tuple(TensorRef(adapter_source(i), self.adapters[i].full_tensors[base_name]) for i in owners)
+            owner_names = tuple(self.adapters[i].reference for i in owners)
             if self.base is None:
+                if len(owners) > 1 and all(".base_layer." in ref.name for ref in refs):
+                    op = EqualCopies(base_name, owner_names, "they are not copies of one base model; add base_model: "
+                                     "to the recipe to merge them as differences from it")
+                    tasks.append(TensorTask((OutputTensor(output_name, info.shape, out_dtype),), refs, op))
+                    continue
                 if len(owners) > 1:
                     names = ", ".join(f"'{self.adapters[i].reference}'" for i in owners)
                     raise ConfigError(
@@ -548,7 +559,7 @@ class _Planner:
                 tasks.append(TensorTask((OutputTensor(output_name, info.shape, out_dtype),), refs, CopyInput(0)))
                 continue
             if not info.is_floating_point:
-                op: Any = EqualCopies(base_name, tuple(self.adapters[i].reference for i in owners))
+                op: Any = EqualCopies(base_name, owner_names)
                 tasks.append(TensorTask((OutputTensor(output_name, info.shape, out_dtype),), refs, op))
                 continue
             params = self.resolve(base_name, self.position(base_name, layers))

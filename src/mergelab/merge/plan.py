@@ -17,8 +17,8 @@ from mergelab.arch import embedding_name, head_names, is_vocab_tensor, parse_nam
 from mergelab.config import MergeConfig, SettingScope, check_parameters, resolve_tensor_params
 from mergelab.engine import CopyInput, TensorRef, TensorTask
 from mergelab.errors import ConfigError, InputError
-from mergelab.io import Checkpoint, OutputTensor, open_model
-from mergelab.io.adapter import AdaptedModel
+from mergelab.io import Checkpoint, OutputTensor
+from mergelab.lora.adapted import AdaptedModel, open_model
 from mergelab.merge.vocabulary import Vocabulary, plan_vocabulary
 from mergelab.methods import MergeMethod, get_method
 from mergelab.methods.call import MethodCall, tensor_seed

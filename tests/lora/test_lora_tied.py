@@ -1,0 +1,101 @@
+"""Adapters on a base that ties its output head to its input embeddings.
+
+An adapter that changes only one of the two (LoRA on ``embed_tokens`` or ``lm_head``, or
+either in ``modules_to_save``) makes the PEFT model compute with two different matrices.
+Bake and ``BASE+ADAPTER`` write that model untied, so the result computes what the PEFT
+model computes before merging; PEFT's own ``merge_and_unload`` agrees for
+``modules_to_save`` and, for LoRA on a tied module, also changes the other role.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from helpers import load_model_tensors, run_mergelab
+from lora_support import make_adapter, peft_model
+
+from mergelab.lora.bake import run_bake
+from mergelab.lora.output import LoraOptions
+from mergelab.zoo.random_models import make_model
+
+QUIET = LoraOptions(progress=False)
+TOKENS = torch.tensor([[5, 17, 40, 99, 3, 250, 7]])
+SIZES = dict(hidden=32, layers=2, intermediate=64, heads=4, kv_heads=2)
+ADAPTERS = {
+    "embedding_lora": dict(target_modules=["q_proj", "embed_tokens"]),
+    "head_lora": dict(target_modules=["q_proj", "lm_head"]),
+    "saved_embedding": dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"]),
+    "saved_head": dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),
+}
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tied")
+    base = make_model(root / "base", "llama", seed=0, tokenizer=False, tie_embeddings=True, **SIZES)
+    assert json.loads((base / "config.json").read_text())["tie_word_embeddings"] is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns about adapters on tied modules: the point of these tests
+        adapters = {name: str(make_adapter(base, root / name, seed, saved_noise=0.05, r=4, lora_alpha=8, **config))
+                    for seed, (name, config) in enumerate(ADAPTERS.items(), start=1)}
+    return base, adapters
+
+
+def unmerged_logits(base, adapter: str) -> torch.Tensor:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft_model(base, {"x": adapter}).eval()(TOKENS).logits
+
+
+def causal_lm(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path)).eval()
+
+
+@pytest.mark.parametrize("name", list(ADAPTERS))
+def test_bake_on_a_tied_base_computes_what_the_unmerged_adapter_computes(tied, tmp_path, name):
+    base, adapters = tied
+    baked = run_bake(str(base), [adapters[name]], tmp_path / "baked", options=QUIET).out_dir
+    config = json.loads((baked / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    tensors = load_model_tensors(baked)
+    assert not torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
+    with torch.no_grad():
+        torch.testing.assert_close(causal_lm(baked)(TOKENS).logits, unmerged_logits(base, adapters[name]),
+                                   rtol=0, atol=1e-5)
+
+
+def test_peft_merge_of_lora_on_a_tied_embedding_changes_the_head_too(tied):
+    """Why bake does not copy merge_and_unload here: PEFT adds ΔW to the one shared matrix."""
+    base, adapters = tied
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft_model(base, {"x": adapters["embedding_lora"]}).eval()
+        unmerged = model(TOKENS).logits
+        merged = model.merge_and_unload()(TOKENS).logits
+    assert (merged - unmerged).abs().max() > 1e-2
+
+
+def test_base_plus_adapter_on_a_tied_base_is_the_baked_model(tied, tmp_path):
+    base, adapters = tied
+    baked = run_bake(str(base), [adapters["saved_head"]], tmp_path / "baked", options=QUIET).out_dir
+    recipe = {"models": [{"model": f"{base}+{adapters['saved_head']}"}], "merge_method": "passthrough",
+              "dtype": "float32"}
+    merged = run_mergelab(recipe, tmp_path)
+    assert json.loads((merged / "config.json").read_text())["tie_word_embeddings"] is False
+    ours, expected = load_model_tensors(merged), load_model_tensors(baked)
+    assert set(ours) == set(expected)
+    for tensor_name, tensor in expected.items():
+        assert torch.equal(ours[tensor_name], tensor), tensor_name
+
+
+def test_a_tied_base_untouched_by_the_adapter_stays_tied(tied, tmp_path):
+    base, _ = tied
+    adapter = make_adapter(base, tmp_path / "attention", 9, r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    baked = run_bake(str(base), [str(adapter)], tmp_path / "baked", options=QUIET).out_dir
+    assert json.loads((baked / "config.json").read_text())["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in load_model_tensors(baked)
