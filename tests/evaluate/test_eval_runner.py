@@ -161,6 +161,37 @@ def test_other_architectures_batched_with_long_contexts(family, tmp_path):
         assert output == tokenizer.decode(generated[0, encoded.input_ids.shape[1]:], skip_special_tokens=True)
 
 
+def test_truncated_contexts_batched_with_learned_positions(tmp_path):
+    """Contexts past GPT-2's 256 positions are cut per request, so tails of different lengths share a
+    batch: their padding must not ask for positions the model has no embedding for."""
+    from mergelab.evaluate import load_model
+    from mergelab.zoo.random_models import make_model
+
+    model, tokenizer = load_model(make_model(tmp_path / "gpt2", "gpt2", hidden=32, layers=2, intermediate=64,
+                                             heads=4, kv_heads=2, vocab=320))
+    long = "x y z " * 100  # 300 tokens
+    requests = [(long, " tree seven layer"), (long, " a"), (long, " model weight layer token tree seven"),
+                ("w v " * 200, " b c")]
+    one_by_one = Runner(model, tokenizer, batch_size=1).loglikelihood(requests)
+    batched = Runner(model, tokenizer, batch_size=4).loglikelihood(requests)
+    for (logprob, greedy), (expected, expected_greedy) in zip(batched, one_by_one):
+        assert logprob == pytest.approx(expected, abs=1e-4)
+        assert greedy == expected_greedy
+
+
+def test_a_request_asked_twice_is_scored_once_and_answered_alike(tiny):
+    """Two equal options (or one question twice) share a cache key: adding a tail twice would double it."""
+    model, tokenizer = tiny
+    requests = REQUESTS + [REQUESTS[0], REQUESTS[4], REQUESTS[4]]
+    runner = Runner(model, tokenizer, batch_size=16)
+    answers = runner.loglikelihood(requests)
+    assert runner.stats.computed == len(REQUESTS)
+    for (context, continuation), (logprob, greedy) in zip(requests, answers):
+        expected, expected_greedy = naive_loglikelihood(model, tokenizer, context, continuation)
+        assert logprob == pytest.approx(expected, abs=1e-4)
+        assert greedy == expected_greedy
+
+
 def test_completions_keep_their_leading_spaces_with_a_llama2_style_tokenizer(llama2_tokenizer, scripted_model):
     """Metaspace decoders strip the first space of a decoded sequence: the completion is decode(prompt + new) - decode(prompt)."""
     prompt = 'def add(a, b):\n    """Add two numbers."""\n'

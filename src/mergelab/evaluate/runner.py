@@ -60,7 +60,7 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from mergelab.errors import ComputeError, ConfigError, InputError
 from mergelab.evaluate.cache import ResultCache, request_key
@@ -234,6 +234,15 @@ class Runner:
         found = self.cache.get_many(keys) if self.cache is not None else {}
         return keys, found
 
+    def _pending(self, keys: list[str], found: Mapping[str, Any]) -> list[int]:
+        """The first request of every key without an answer: a request asked twice is computed once."""
+        self.stats.cached += sum(key in found for key in keys)
+        first: dict[str, int] = {}
+        for index, key in enumerate(keys):
+            if key not in found:
+                first.setdefault(key, index)
+        return list(first.values())
+
     def _store(self, answers: dict[str, Any]) -> None:
         if self.cache is not None:
             self.cache.put_many(answers)
@@ -318,8 +327,7 @@ class Runner:
         payloads = [{"context": c, "continuation": x, "max_length": self.max_length} for c, x in requests]
         keys, found = self._lookup("loglikelihood", payloads)
         answers: dict[str, Any] = dict(found)
-        pending = [i for i, key in enumerate(keys) if key not in answers]
-        self.stats.cached += len(requests) - len(pending)
+        pending = self._pending(keys, found)
         if pending:
             self._compute_loglikelihoods([requests[i] for i in pending], [keys[i] for i in pending], answers)
         return [(float(answers[k][0]), bool(answers[k][1])) for k in keys]
@@ -402,6 +410,9 @@ class Runner:
                 tail_mask[index, : len(inputs)] = True
             attention = torch.cat([context_mask[rows], tail_mask], dim=1).long()
             position_ids = lengths[rows][:, None] + torch.arange(width, device=device)[None, :]
+            # Padding after a shorter tail must not ask for positions past the model's context (learned
+            # position embeddings, as GPT-2's, have no row for them); its outputs are never read.
+            position_ids = position_ids.masked_fill(~tail_mask, 0)
             logprobs, _ = self._forward(
                 input_ids, tail_mask, attention_mask=attention, position_ids=position_ids, use_cache=True,
                 **{self._cache_argument: _select_cache(past, rows)},
@@ -428,8 +439,7 @@ class Runner:
         payloads = [{"text": t, "max_length": window, "stride": step} for t in texts]
         keys, found = self._lookup("perplexity", payloads)
         answers: dict[str, Any] = dict(found)
-        pending = [i for i, key in enumerate(keys) if key not in answers]
-        self.stats.cached += len(texts) - len(pending)
+        pending = self._pending(keys, found)
         for index in pending:  # one text at a time, so an interruption keeps finished texts
             windows = self._compute_windows(texts[index], window, step)
             answers[keys[index]] = windows
@@ -491,11 +501,12 @@ class Runner:
     # ---- generation -------------------------------------------------------------------------------------
     def generate(self, requests: Sequence[GenerationRequest]) -> list[str]:
         """Generated text for each request (stop sequence excluded)."""
-        payloads = [{"seed": self.seed, **r.key_payload()} for r in requests]
+        # The seed matters to sampled answers only: a greedy answer is the same under any seed.
+        payloads = [{"seed": self.seed, **r.key_payload()} if r.params.temperature > 0 else r.key_payload()
+                    for r in requests]
         keys, found = self._lookup("generate", payloads)
         answers: dict[str, Any] = dict(found)
-        pending = [i for i, key in enumerate(keys) if key not in answers]
-        self.stats.cached += len(requests) - len(pending)
+        pending = self._pending(keys, found)
         if pending:
             self._compute_generations([requests[i] for i in pending], [keys[i] for i in pending], answers)
         return [answers[key] for key in keys]
