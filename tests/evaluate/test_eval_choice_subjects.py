@@ -102,3 +102,15 @@ def test_too_few_dev_rows_for_a_subject_is_an_error_naming_it(two_subjects):
 
     with pytest.raises(InputError, match="4-shot needs 4 dev examples for subject 'anatomy', found 3"):
         run_choice(*two_subjects, shots=4)
+
+
+def test_the_question_itself_is_never_its_own_example(two_subjects):
+    """With dev the evaluated file, each question's shots skip it and take the next rows (as lm-eval)."""
+    test, _ = two_subjects
+    _, runner = run_choice(test, test, shots=1)
+    contexts = list(dict.fromkeys(runner.contexts))
+    anatomy = [row for row in TEST_ROWS if row["subject"] == "anatomy"]
+    assert shot(anatomy[1]) in contexts[0] and shot(anatomy[0]) not in contexts[0]  # "anatomy one?" takes "two"
+    assert shot(anatomy[0]) in contexts[2]  # "anatomy two?" takes "one"
+    for row, context in zip(TEST_ROWS, contexts):
+        assert context.count(row["question"]) == 1, row["question"]

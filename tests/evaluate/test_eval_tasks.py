@@ -150,3 +150,37 @@ def test_adapters_saving_the_same_full_module_are_ambiguous(tiny_dir, tmp_path, 
     (broken / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2}')
     with pytest.raises(InputError, match="adapter_model.safetensors is missing"):  # io's Adapter validates
         evaluate_directory(str(tiny_dir), [spec], adapters=[str(broken)], cache=False, limit=2)
+
+
+def test_generate_shots_skip_the_item_and_results_record_the_shots_used(tiny, tmp_path, jsonl):
+    model, tokenizer = tiny
+    rows = [{"prompt": f"question {i}", "answer": f"answer {i}"} for i in range(3)]
+    data = jsonl(tmp_path / "qa.jsonl", rows)
+    spec = f"generate:data={data},dev={data},num_fewshot=2,max_new_tokens=2"
+    results = evaluate(model, tokenizer, [spec], num_fewshot=1)
+    task = results["tasks"][spec]
+    assert results["settings"]["num_fewshot"] == 2 and task["info"]["num_fewshot"] == 2  # the task's option wins
+    inputs = [item["input"] for item in task["items"]]
+    assert inputs == [row["prompt"] for row in rows]
+    runner = Runner(model, tokenizer)
+    expected = runner.generate([GenerationRequest("question 1 answer 1\n\nquestion 2 answer 2\n\nquestion 0",
+                                                  GenerationParams(max_new_tokens=2, stop=("\n",)))])
+    assert task["items"][0]["output"] == expected[0]
+
+
+def test_a_judge_without_settings_stops_the_run_before_any_task(tiny, tmp_path, jsonl):
+    from mergelab.errors import ConfigError
+
+    model, tokenizer = tiny
+    text = tmp_path / "wiki.txt"
+    text.write_text("model weight layer token " * 20)
+    questions = jsonl(tmp_path / "question.jsonl", [{"question_id": 1, "category": "x", "turns": ["hi"]}])
+    runner_calls = []
+    original = Runner.perplexity_windows
+    try:
+        Runner.perplexity_windows = lambda self, *a, **k: runner_calls.append(1) or original(self, *a, **k)
+        with pytest.raises(ConfigError, match="--judge-url"):
+            evaluate(model, tokenizer, [f"perplexity:data={text}", f"judge:data={questions}"])
+    finally:
+        Runner.perplexity_windows = original
+    assert not runner_calls

@@ -76,10 +76,14 @@ def _check_reuse(label: str, task: Task, limit: Optional[int], num_fewshot: Opti
 
 
 def _used_settings(tasks: list[tuple[str, Task]]) -> dict[str, Any]:
-    """The limit and num_fewshot the tasks were loaded with: one value when all agree, else one per task."""
+    """The limit and num_fewshot the tasks used: one value when all agree, else one per task.
+
+    A task's own ``num_fewshot`` option wins over the run's, so tasks that take shots report
+    the number they used."""
     used: dict[str, Any] = {}
     for name in ("limit", "num_fewshot"):
-        values = {label: (task.loaded_with or {}).get(name) for label, task in tasks}
+        values = {label: task.shots_used if name == "num_fewshot" and task.shots_used is not None
+                  else (task.loaded_with or {}).get(name) for label, task in tasks}
         distinct = set(values.values())
         used[name] = distinct.pop() if len(distinct) == 1 else values
     return used
@@ -93,6 +97,8 @@ def run_tasks(runner: Optional[Runner], tasks: list[tuple[str, Task]], *, seed: 
     for label, task in tasks:
         if task.needs_model and runner is None:
             raise ConfigError(f"task '{label}' needs a model; give a model directory (only humaneval with --samples runs without one).")
+    for label, task in tasks:
+        task.preflight(context)
     out: dict[str, Any] = {}
     for label, task in tasks:
         before = (runner.stats.cached, runner.stats.computed, runner.stats.load_seconds) if runner else (0, 0, 0.0)

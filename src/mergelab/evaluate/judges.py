@@ -388,6 +388,5 @@ def make_refusal_judge(kind: str, *, settings: Any, cache: Any = None, classifie
     if kind == "classifier":
         return ClassifierJudge(classifier, label, input, device)
     if kind == "llm":
-        client = ChatClient(settings.url, settings.model, settings.key_env, settings.timeout)
-        return LLMJudge(client, cache, settings.workers)
+        return LLMJudge(settings.client(), cache, settings.workers)
     raise ConfigError(f"unknown judge '{kind}'; use keyword, classifier or llm.")

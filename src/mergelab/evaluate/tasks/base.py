@@ -51,6 +51,12 @@ class JudgeSettings:
     timeout: float = 120.0
     workers: int = 4
 
+    def client(self, max_tokens: int = 1024) -> Any:
+        """The endpoint's ``ChatClient`` (a ConfigError, before any request, when the URL or model is missing)."""
+        from mergelab.evaluate.judges import ChatClient
+
+        return ChatClient(self.url, self.model, self.key_env, self.timeout, max_tokens=max_tokens)
+
 
 @dataclass
 class Context:
@@ -92,6 +98,7 @@ class Task:
         check_option_minimums(self.name, self.options)
         self.loaded = False
         self.loaded_with: Optional[dict[str, Optional[int]]] = None  # the limit / num_fewshot load() was given
+        self.shots_used: Optional[int] = None  # few-shot examples per item, for tasks that take them
 
     @property
     def spec(self) -> str:
@@ -110,10 +117,18 @@ class Task:
         """Read and validate the data (called once; errors name the file and line)."""
         self.mark_loaded(limit, num_fewshot)
 
-    def mark_loaded(self, limit: Optional[int], num_fewshot: Optional[int]) -> None:
-        """Record that the data is loaded, and with which ``limit`` and ``num_fewshot`` (the end of every ``load``)."""
+    def mark_loaded(self, limit: Optional[int], num_fewshot: Optional[int], shots: Optional[int] = None) -> None:
+        """Record that the data is loaded, and with which ``limit`` and ``num_fewshot`` (the end of every ``load``).
+
+        ``shots``: the number of few-shot examples the task really uses, when it takes any (its
+        own ``num_fewshot`` option wins over the run's).
+        """
         self.loaded = True
         self.loaded_with = {"limit": limit, "num_fewshot": num_fewshot}
+        self.shots_used = shots
+
+    def preflight(self, context: Context) -> None:
+        """Check what ``run`` needs besides the data (a judge's settings), before any task of the run starts."""
 
     def run(self, context: Context) -> TaskResult:
         raise NotImplementedError

@@ -136,11 +136,12 @@ class ChoiceTask(Task):
             if not dev_source:
                 raise ConfigError(
                     f"choice: {self.shots}-shot needs few-shot examples; add dev=FILE (MMLU format) to the task, "
-                    "e.g. --task choice:data=test.jsonl,dev=dev.jsonl."
+                    "e.g. --task choice:data=test.jsonl,dev=dev.jsonl (--num-fewshot applies to every task; "
+                    "num_fewshot=K in a task's options to one)."
                 )
             self.dev = [parse_question(row) for row in load_rows(dev_source, split=options.dev_split,
                                                                   hf_config=options.config).rows]
-        self.mark_loaded(limit, num_fewshot)
+        self.mark_loaded(limit, num_fewshot, self.shots)
 
     @staticmethod
     def _default_dev(data: str) -> Optional[str]:
@@ -152,7 +153,11 @@ class ChoiceTask(Task):
         return None
 
     def _shots_for(self, question: Question) -> list[Question]:
+        """The first k dev rows of the question's subject, never the question itself (as lm-eval, when the
+        dev source is the evaluated one)."""
         pool = [q for q in self.dev if q.subject == question.subject] if question.subject else list(self.dev)
+        pool = [q for q in pool if (q.question, q.choices, q.answer) != (question.question, question.choices,
+                                                                          question.answer)]
         if len(pool) < self.shots:
             label = f"subject '{question.subject}'" if question.subject else "the dev set"
             raise InputError(f"{self.shots}-shot needs {self.shots} dev examples for {label}, found {len(pool)}.")

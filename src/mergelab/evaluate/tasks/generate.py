@@ -3,7 +3,8 @@
 Rows: a prompt in ``prompt`` (or ``question`` / ``input``; or ``field=NAME``) and the
 reference in ``answer`` (or ``answers`` / ``target``; a list means any of them counts),
 e.g. the zoo's skill test splits or RepliQA-style QA. With ``num_fewshot`` > 0 the first k
-rows of ``dev`` are prepended as ``{prompt}{target_delimiter}{answer}\\n\\n``.
+rows of ``dev`` (other than the item itself) are prepended as
+``{prompt}{target_delimiter}{answer}\\n\\n``.
 
 - ``exact_match``: 1 when the output, stripped of surrounding whitespace (and, with
   ``ignore_case`` / ``ignore_punctuation``, lower-cased / without punctuation), equals a
@@ -17,7 +18,7 @@ rows of ``dev`` are prepended as ``{prompt}{target_delimiter}{answer}\\n\\n``.
   wrong character makes an exact match 0 (e.g. a merged model that keeps part of a skill).
 
 Decoding is greedy by default and stops at the first newline (``stop=\\n``) — set
-``stop=none`` (or use ``chat=true``) for multi-line answers.
+``stop=none`` for multi-line answers.
 """
 
 from __future__ import annotations
@@ -136,17 +137,24 @@ class GenerateTask(Task):
         self.examples = [self._parse(row) for row in iter_limited(dataset.rows, limit)]
         if not self.examples:
             raise InputError(f"{dataset.source}: no rows to evaluate.")
-        shots = options.num_fewshot if options.num_fewshot is not None else (num_fewshot or 0)
-        self.prefix = ""
-        if shots:
+        self.shots = options.num_fewshot if options.num_fewshot is not None else (num_fewshot or 0)
+        self.dev: list[tuple[str, list[str], str]] = []
+        if self.shots:
             if not options.dev:
-                raise ConfigError(f"generate: {shots}-shot needs dev=FILE with example prompts and answers.")
-            dev = [self._parse(row) for row in load_rows(options.dev).rows]
-            if len(dev) < shots:
-                raise InputError(f"{options.dev}: {shots}-shot needs {shots} examples, found {len(dev)}.")
-            delimiter = unescape(options.target_delimiter)
-            self.prefix = "".join(f"{p}{delimiter}{refs[0]}\n\n" for p, refs, _ in dev[:shots])
-        self.mark_loaded(limit, num_fewshot)
+                raise ConfigError(
+                    f"generate: {self.shots}-shot needs dev=FILE with example prompts and answers (--num-fewshot "
+                    "applies to every task; num_fewshot=K in a task's options to one)."
+                )
+            self.dev = [self._parse(row) for row in load_rows(options.dev).rows]
+            if len(self.dev) < self.shots:
+                raise InputError(f"{options.dev}: {self.shots}-shot needs {self.shots} examples, found {len(self.dev)}.")
+        self.mark_loaded(limit, num_fewshot, self.shots)
+
+    def prefix_for(self, prompt: str, references: list[str]) -> str:
+        """The first k dev examples, never the item itself (as lm-eval, when dev is the evaluated source)."""
+        delimiter = unescape(self.options.target_delimiter)
+        shots = [(p, refs) for p, refs, _ in self.dev if (p, refs) != (prompt, references)][: self.shots]
+        return "".join(f"{p}{delimiter}{refs[0]}\n\n" for p, refs in shots)
 
     def _parse(self, row: Row) -> tuple[str, list[str], str]:
         prompt = _first_field(row, PROMPT_FIELDS, self.options.prompt_field, "prompt")
@@ -164,7 +172,8 @@ class GenerateTask(Task):
     def run(self, context: Context) -> TaskResult:
         runner = context.require_runner(self.name)
         params = self.params()
-        outputs = runner.generate([GenerationRequest(self.prefix + prompt, params) for prompt, _, _ in self.examples])
+        outputs = runner.generate([GenerationRequest(self.prefix_for(prompt, references) + prompt, params)
+                                   for prompt, references, _ in self.examples])
         items = []
         o = self.options
         for index, ((prompt, references, where), output) in enumerate(zip(self.examples, outputs)):
@@ -177,4 +186,5 @@ class GenerateTask(Task):
                           "scores": scores})
         metrics = {name: summarize_mean([i["scores"][name] for i in items], context.seed)
                    for name in ("exact_match", "rouge_l", "edit_similarity")}
-        return TaskResult(metrics, items, {}, {"generation": {**params.__dict__, "stop": list(params.stop)}})
+        return TaskResult(metrics, items, {}, {"generation": {**params.__dict__, "stop": list(params.stop)},
+                                               "num_fewshot": self.shots})

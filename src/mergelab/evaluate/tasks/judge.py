@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from mergelab.errors import ConfigError, InputError
 from mergelab.evaluate.data import Row, load_rows
-from mergelab.evaluate.judges import ChatClient, cached_completions, grading_conversation, parse_rating
+from mergelab.evaluate.judges import cached_completions, grading_conversation, parse_rating
 from mergelab.evaluate.results import summarize_mean
 from mergelab.evaluate.runner import GenerationParams, GenerationRequest
 from mergelab.evaluate.tasks.base import Context, Task, TaskResult, iter_limited, register_task
@@ -68,10 +68,13 @@ class JudgeTask(Task):
             raise InputError(f"{dataset.source}: no questions.")
         self.mark_loaded(limit, num_fewshot)
 
+    def preflight(self, context: Context) -> None:
+        context.judge.client()
+
     def run(self, context: Context) -> TaskResult:
         runner = context.require_runner(self.name)
         settings = context.judge
-        client = ChatClient(settings.url, settings.model, settings.key_env, settings.timeout, max_tokens=2048)
+        client = settings.client(max_tokens=2048)
         params = GenerationParams(max_new_tokens=self.options.max_new_tokens, temperature=self.options.temperature,
                                   chat=True, system=self.options.system)
         first = runner.generate([GenerationRequest(q.turns[0], params) for q in self.questions])

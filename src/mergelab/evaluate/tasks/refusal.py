@@ -114,6 +114,10 @@ class RefusalTask(Task):
         self.source_rows = len(dataset.rows)
         self.mark_loaded(limit, num_fewshot)
 
+    def preflight(self, context: Context) -> None:
+        if self.options.judge == "llm":
+            context.judge.client()
+
     def run(self, context: Context) -> TaskResult:
         runner = context.require_runner(self.name)
         options = self.options
