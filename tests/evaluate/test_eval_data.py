@@ -158,6 +158,10 @@ def test_task_specs():
     assert parse_spec("choice:data/mmlu.jsonl") == ("choice", {"data": "data/mmlu.jsonl"})
     assert parse_spec("generate:zoo:tiny/caesar3:test") == ("generate", {"data": "zoo:tiny/caesar3:test"})
     assert parse_spec("humaneval:k=1,10,n=20") == ("humaneval", {"k": ["1", "10"], "n": "20"})
+    assert parse_spec("refusal:zoo:tiny/safety:test,judge=llm,max_new_tokens=24") == (
+        "refusal", {"data": "zoo:tiny/safety:test", "judge": "llm", "max_new_tokens": "24"})
+    with pytest.raises(ConfigError, match="cannot read 'b.jsonl'"):
+        parse_spec("choice:a.jsonl,b.jsonl")
     task = make_task("humaneval:k=1,10,n=20,temperature=0.2")
     assert (task.options.k, task.options.n, task.options.temperature) == ([1, 10], 20, 0.2)
     with pytest.raises(ConfigError, match="unknown task 'mmmlu'; known tasks: choice"):

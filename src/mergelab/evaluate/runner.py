@@ -556,7 +556,8 @@ class Runner:
             if room < 1:
                 raise ConfigError(
                     f"max_new_tokens={request.params.max_new_tokens} leaves no room for the prompt in the "
-                    f"model's context of {self.max_length} tokens."
+                    f"model's context of {self.max_length} tokens; lower the task's max_new_tokens option "
+                    f"(e.g. --task NAME:...,max_new_tokens={max(1, self.max_length // 2)})."
                 )
             if len(ids) > room:
                 log.warning("prompt of %d tokens truncated on the left to %d", len(ids), room)

@@ -48,8 +48,11 @@ TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
     "added_tokens.json",
     "vocab.json",
+    "vocab.txt",
     "merges.txt",
     "chat_template.jinja",
     "chat_template.json",
@@ -218,13 +221,13 @@ def resolve_model_dir(reference: str) -> Path:
         return path
     looks_like_repo = reference.count("/") == 1 and not reference.startswith((".", "/", "~"))
     if not looks_like_repo:
-        raise InputError(f"model path '{reference}' does not exist. Check the path in your config.")
+        raise InputError(f"model path '{reference}' does not exist; check the path.")
     try:
         from huggingface_hub import snapshot_download
 
         local = snapshot_download(
             reference,
-            allow_patterns=["*.safetensors", "*.json", "tokenizer.model", "*.txt", "*.jinja"],
+            allow_patterns=["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja"],
         )
     except Exception as exc:
         raise InputError(

@@ -204,16 +204,22 @@ def task_class(name: str) -> type[Task]:
 
 # ---- spec parsing ---------------------------------------------------------------------------------
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``choice:data=a.jsonl,dev=b.jsonl`` -> ("choice", {"data": "a.jsonl", "dev": "b.jsonl"})."""
+    """``choice:data=a.jsonl,dev=b.jsonl`` -> ("choice", {"data": "a.jsonl", "dev": "b.jsonl"}).
+
+    A first item that is not ``key=value`` is the data: ``refusal:bt.jsonl,judge=llm``.
+    """
     name, _, rest = spec.strip().partition(":")
     if not name:
         raise ConfigError(f"task spec '{spec}' has no task name; write it like choice:data=mmlu.jsonl.")
     if not rest:
         return name, {}
-    if not _KEY_RE.match(rest):
-        return name, {"data": rest}
     values: dict[str, Any] = {}
     last: Optional[str] = None
+    if not _KEY_RE.match(rest):
+        data, _, rest = rest.partition(",")
+        values["data"] = data
+        if not rest:
+            return name, values
     for part in rest.split(","):
         if _KEY_RE.match(part):
             key, _, value = part.partition("=")
