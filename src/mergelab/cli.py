@@ -24,11 +24,14 @@ app = typer.Typer(
 )
 
 T = TypeVar("T")
-_state = {"verbose": False}
+_state = {"verbose": False, "quiet": False}
 
 
 def _configure_logging(verbose: bool, quiet: bool) -> None:
     _state["verbose"] = verbose
+    _state["quiet"] = quiet
+    if quiet:  # transformers' and the Hub's progress bars (read when they are first imported)
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger().setLevel(level)  # basicConfig does nothing once a handler exists (flags after a subcommand)
@@ -42,6 +45,11 @@ def _global(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
 ) -> None:
     _configure_logging(verbose, quiet)
+
+
+def _show(progress: bool) -> bool:
+    """Progress bars unless --no-progress or -q."""
+    return progress and not _state["quiet"]
 
 
 def _verbose_after_command(given: bool) -> None:
@@ -90,6 +98,7 @@ def merge(
     force: bool = typer.Option(False, "--force", help="Replace OUT_DIR if it exists."),
     seed: Optional[int] = typer.Option(None, help="Seed for random methods (DARE, DELLA); same seed, same merge."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    allow_crimes: bool = typer.Option(False, "--allow-crimes", help="Allow inputs of different architectures (as mergekit's flag)."),
     verbose: bool = VERBOSE, quiet: bool = QUIET,
 ) -> None:
     """Merge checkpoints as CONFIG says and write a Hugging Face model to OUT_DIR.
@@ -102,10 +111,11 @@ def merge(
     from mergelab import merge as merging
 
     options = merging.MergeOptions(
-        device=device, threads=threads, out_shard_size=out_shard_size, force=force, seed=seed, progress=progress
+        device=device, threads=threads, out_shard_size=out_shard_size, force=force, seed=seed, progress=_show(progress),
+        allow_crimes=allow_crimes,
     )
     if dry_run:
-        typer.echo(_guard(lambda: merging.dry_run(config, options)))
+        typer.echo(_guard(lambda: merging.dry_run(config, options, out_dir)))
         return
     result = _guard(lambda: merging.run_merge(config, out_dir, options))
     typer.echo(f"merged {result.tensors} tensors in {result.seconds:.1f} s -> {result.out_dir}")
@@ -126,7 +136,7 @@ def _lora_options(device: str, threads: Optional[int], force: bool, seed: Option
     from mergelab import engine
     from mergelab.lora.output import LoraOptions
 
-    options = LoraOptions(device=device, threads=threads, force=force, seed=seed, progress=progress,
+    options = LoraOptions(device=device, threads=threads, force=force, seed=seed, progress=_show(progress),
                           out_shard_size=out_shard_size)
     _guard(lambda: engine.check_options(options))
     return options
@@ -341,7 +351,7 @@ def zoo_build(
     """
     from mergelab.zoo.build import build
 
-    directory = _guard(lambda: build(size, out, force=force, progress=progress, workers=workers))
+    directory = _guard(lambda: build(size, out, force=force, progress=_show(progress), workers=workers))
     typer.echo(f"zoo '{size}' ready at {directory}")
 
 
@@ -387,7 +397,7 @@ def demo(
     """
     from mergelab.experiments.demo import run_demo
 
-    directory = _guard(lambda: run_demo(size, out, skills=skill, force=force, progress=progress))
+    directory = _guard(lambda: run_demo(size, out, skills=skill, force=force, progress=_show(progress)))
     typer.echo(f"demo results in {directory}: report.md, accuracy.png, results.json")
 
 

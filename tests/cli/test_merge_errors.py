@@ -135,8 +135,8 @@ def cases(llama, broken) -> dict[str, tuple[dict, str]]:
         "linear weights sum to zero": (
             {"models": [{"model": ft1, "parameters": {"weight": 1.0}}, {"model": ft2, "parameters": {"weight": -1.0}}],
              "merge_method": "linear"},
-            "linear weights sum to zero, so normalize would divide by zero; "
-            "change the weights or set normalize: false",
+            "recipe.yml: tensor 'model.embed_tokens.weight': linear weights sum to zero, so normalize would divide "
+            "by zero; change the weights or set normalize: false",
         ),
         "multislerp weights sum to zero": (
             {"models": [{"model": ft1, "parameters": {"weight": 0.5}}, {"model": ft2, "parameters": {"weight": -0.5}}],
@@ -226,6 +226,8 @@ def test_cuda_without_a_gpu_is_a_clear_error(llama, tmp_path):
         (["--threads", "0"], "--threads 0: give a positive number of CPU threads"),
         (["--out-shard-size", "0"], "--out-shard-size '0' is not a positive size"),
         (["--device", "gpu"], "unknown device 'gpu'"),
+        (["--device", "meta"], "--device meta: mergelab computes on cpu or cuda"),
+        (["--device", "mps"], "--device mps: mergelab computes on cpu or cuda"),
     ],
 )
 def test_bad_options_are_refused_before_any_work(llama, tmp_path, option, expected, dry_run):
@@ -251,3 +253,22 @@ def test_verbose_works_after_the_subcommand(tmp_path, flag):
     # without the flag the same errors stay short, whatever the previous invocation set
     result = CliRunner().invoke(app, ["merge", str(tmp_path / "recipe.yml"), str(tmp_path / "out")])
     assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_models_of_different_architectures_need_allow_crimes(model_sets, tmp_path):
+    """A Llama and a Mistral of one size have the same tensor names and shapes; mergekit refuses the mix
+    without --allow-crimes, and so do we."""
+    llama, mistral = model_sets["llama"], model_sets["mistral"]
+    config = {"models": [{"model": llama.path("ft1"), "parameters": {"weight": 0.5}},
+                         {"model": mistral.path("ft1"), "parameters": {"weight": 0.5}}],
+              "merge_method": "linear", "dtype": "float32"}
+    (tmp_path / "recipe.yml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    args = ["merge", str(tmp_path / "recipe.yml"), str(out), "--no-progress"]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2, refused.output
+    assert "different architectures" in refused.output and "LlamaForCausalLM" in refused.output
+    assert "MistralForCausalLM" in refused.output and "--allow-crimes" in refused.output
+    assert not out.exists()
+    allowed = CliRunner().invoke(app, args + ["--allow-crimes"])
+    assert "different architectures" not in allowed.output

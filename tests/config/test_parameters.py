@@ -111,3 +111,16 @@ def test_config_schema_errors_name_the_field(data, message):
     with pytest.raises(ConfigError, match=message) as error:
         parse_config(data, "recipe.yml")
     assert str(error.value).startswith("recipe.yml: ")
+
+
+def test_fields_mergekit_ignores_are_accepted_and_said(caplog):
+    """A mergekit recipe runs unchanged: its stage name, models[].layer_range and slices[].residual_weight
+    have no effect in mergekit 0.1.5, and none here (with a warning where a user may expect one)."""
+    config = parse_config({"name": "stage-1", "models": [{"model": "a", "layer_range": [0, 2]}],
+                           "merge_method": "linear"}, "recipe.yml")
+    assert config.name == "stage-1"
+    config = parse_config({"slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}], "residual_weight": 0.5}],
+                           "merge_method": "passthrough"}, "recipe.yml")
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any("models[0].layer_range is ignored" in w for w in warnings)
+    assert any("slices[0].residual_weight is ignored" in w for w in warnings)

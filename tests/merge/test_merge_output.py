@@ -56,6 +56,18 @@ def test_files_beside_the_weights(llama, tmp_path):
     assert f"\n# {out.name}\n" in card and ".tmp-" not in card  # titled by the output, not its temporary name
 
 
+def test_missing_parent_directories_of_the_output_are_made(llama, tmp_path):
+    config = write_yaml(tmp_path / "recipe.yml", {"models": [{"model": llama.path("ft1"), "parameters": {"weight": 1.0}}],
+                                                  "merge_method": "linear"})
+    out = tmp_path / "runs" / "deep" / "merged"
+    result = CliRunner().invoke(app, ["merge", str(config), str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors").is_file()
+    (tmp_path / "file").write_text("x")
+    refused = CliRunner().invoke(app, ["merge", str(config), str(tmp_path / "file" / "merged"), "--no-progress"])
+    assert refused.exit_code == 2 and "is a file, not a directory" in refused.output
+
+
 def test_config_names_the_stored_dtype_of_mixed_inputs(tmp_path):
     """float16 + bfloat16 inputs without dtype: tensors are promoted to float32, and config.json says so."""
     from mergelab.zoo.random_models import make_model
@@ -95,6 +107,10 @@ def test_dry_run_prints_the_plan_and_writes_nothing(llama, tmp_path):
     assert f"from {llama.path('ft1')}:model.layers.3.mlp.down_proj.weight" in result.output
     assert "estimated peak tensor memory" in result.output
     assert not out.exists()
+    out.mkdir()  # the dry run checks the output as the real run would
+    refused = CliRunner().invoke(app, ["merge", str(recipe), str(out), "--dry-run"])
+    assert refused.exit_code == 2 and "already exists" in refused.output and "--force" in refused.output
+    assert CliRunner().invoke(app, ["merge", str(recipe), str(out), "--dry-run", "--force"]).exit_code == 0
 
 
 def test_help_does_not_import_torch():

@@ -51,6 +51,18 @@ def test_disjoint_merge_averages_agreeing_entries():
     assert mixed.tolist() == pytest.approx([3.0, 3.0, -4.0])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_ties_of_one_model_gives_back_its_task_vector(dtype):
+    """w·δ / w: the divisor must use the weight the numerator used, not w rounded to the dtype (0.3 is not
+    representable in bfloat16, and a rounded divisor scaled every entry by w / round(w))."""
+    torch.manual_seed(0)
+    base = torch.zeros(4096, dtype=dtype)
+    delta = torch.randn(4096).to(dtype)
+    out = get_method("ties")([delta], base=base, weight=[0.3], density=[1.0])
+    ratio = (out.double() / delta.double()).mean().item()
+    assert ratio == pytest.approx(1.0, abs=2e-4)
+
+
 def test_ties_by_hand():
     base = torch.zeros(4)
     a = torch.tensor([1.0, -1.0, 0.2, 0.0])

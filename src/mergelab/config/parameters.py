@@ -120,6 +120,7 @@ def resolve_tensor_params(
     t: float,
     shared_scopes: Sequence[SettingScope],
     models: Sequence[tuple[str, str, Sequence[SettingScope]]],
+    source: str = "",
 ) -> dict[str, Any]:
     """All parameters for one output tensor.
 
@@ -127,6 +128,7 @@ def resolve_tensor_params(
     tensor name, scopes from highest precedence). Per-model values come back as lists in
     that order; shared values as scalars. Filters match the input tensor name for
     per-model parameters and the output tensor name for shared ones, as in mergekit.
+    ``source`` (the recipe's file) prefixes errors of the method's own checks.
     """
     resolved: dict[str, Any] = {}
     for param in method.params:
@@ -137,5 +139,5 @@ def resolve_tensor_params(
         else:
             resolved[param.name] = resolve_param(param, shared_scopes, output_name, t, f"merge_method {method.name}")
     if method.check is not None:
-        method.check(resolved, f"tensor '{output_name}'")
+        method.check(resolved, f"{source}: tensor '{output_name}'" if source else f"tensor '{output_name}'")
     return resolved

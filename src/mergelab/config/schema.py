@@ -8,6 +8,7 @@ raw here; ``mergelab.config.parameters`` gives them meaning per tensor.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -15,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergelab.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 DTYPE_ALIASES = {
     "float32": "float32",
@@ -52,6 +55,7 @@ class ModelEntry(_Strict):
 
     model: str
     parameters: ParameterMap = None
+    layer_range: Optional[Any] = None  # mergekit ignores it here (layers are chosen under slices:); so do we
 
 
 class SliceSource(_Strict):
@@ -76,14 +80,7 @@ class OutputSlice(_Strict):
     sources: list[SliceSource] = Field(min_length=1)
     base_model: Optional[str] = None
     parameters: ParameterMap = None
-    residual_weight: Optional[float] = None
-
-    @field_validator("residual_weight")
-    @classmethod
-    def _no_residual(cls, value: Optional[float]) -> Optional[float]:
-        if value is not None:
-            raise ValueError("residual_weight is not supported; remove it")
-        return value
+    residual_weight: Optional[float] = None  # in mergekit 0.1.5's schema, never used by it; ignored here too
 
 
 class TokenizerSettings(_Strict):
@@ -115,6 +112,7 @@ class MergeConfig(_Strict):
     """A whole merge recipe (mergekit-compatible)."""
 
     merge_method: str
+    name: Optional[str] = None  # mergekit-multi's stage name; a single merge ignores it
     models: Optional[list[ModelEntry]] = None
     slices: Optional[list[OutputSlice]] = None
     base_model: Optional[str] = None
@@ -198,9 +196,22 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}.")
     try:
-        return MergeConfig.model_validate(data)
+        config = MergeConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(source, exc)) from None
+    _warn_ignored(config, source)
+    return config
+
+
+def _warn_ignored(config: MergeConfig, source: str) -> None:
+    """Fields mergekit accepts and does nothing with: accepted (a mergekit recipe runs unchanged), and said."""
+    for index, entry in enumerate(config.models or []):
+        if entry.layer_range is not None:
+            log.warning("%s: models[%d].layer_range is ignored, as mergekit ignores it there; to take some layers "
+                        "of a model, list it under slices: with sources and layer_range", source, index)
+    for index, output_slice in enumerate(config.slices or []):
+        if output_slice.residual_weight is not None:
+            log.warning("%s: slices[%d].residual_weight is ignored, as mergekit 0.1.5 ignores it", source, index)
 
 
 def load_config(path: Union[str, Path]) -> tuple[MergeConfig, str]:

@@ -80,6 +80,8 @@ def resolve_device(device: str) -> Any:
         target = torch.device(device)
     except RuntimeError as exc:
         raise InputError(f"unknown device '{device}' ({exc}); use cpu or cuda.") from None
+    if target.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {device}: mergelab computes on cpu or cuda (cuda:N); use one of those.")
     if target.type == "cuda" and target.index is not None and target.index >= torch.cuda.device_count():
         raise InputError(
             f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0; "

@@ -273,11 +273,15 @@ class OutputDirectory:
             raise ConfigError(
                 f"output directory '{destination}' already exists; choose another path or pass --force to replace it."
             )
-        if not destination.parent.is_dir():
-            raise ConfigError(f"parent directory of the output '{destination.parent}' does not exist.")
+        ancestor = destination.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent  # missing parents are made when the work starts (as mergekit does)
+        if not ancestor.is_dir():
+            raise ConfigError(f"output '{destination}': '{ancestor}' is a file, not a directory; choose another path.")
 
     def _make_temporary(self) -> Path:
         try:
+            self.destination.parent.mkdir(parents=True, exist_ok=True)
             return Path(tempfile.mkdtemp(prefix=f".{self.destination.name}.tmp-", dir=self.destination.parent))
         except OSError as exc:
             raise InputError(

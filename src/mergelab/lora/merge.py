@@ -440,7 +440,8 @@ class _Planner:
 
     def resolve(self, tensor_name: str, t: float) -> dict[str, Any]:
         models = [(entry.adapter, tensor_name, scopes) for entry, scopes in zip(self.config.adapters, self.scopes)]
-        return resolve_tensor_params(self.method, output_name=tensor_name, t=t, shared_scopes=(self.top,), models=models)
+        return resolve_tensor_params(self.method, output_name=tensor_name, t=t, shared_scopes=(self.top,), models=models,
+                                     source=self.source)
 
     def method_call(self, tensor_name: str, params: dict[str, Any], method: MergeMethod) -> MethodCall:
         seed = tensor_seed(self.seed or 0, tensor_name) if method.random else None

@@ -24,7 +24,11 @@ __all__ = [
 ]
 
 
-MergeOptions = RunOptions  # how the merge runs: device, threads, shard size, --force, --seed
+@dataclass(frozen=True)
+class MergeOptions(RunOptions):
+    """How the merge runs: the engine's options, and whether inputs may mix architectures."""
+
+    allow_crimes: bool = False
 
 
 @dataclass(frozen=True)
@@ -35,18 +39,25 @@ class MergeResult:
     seed: Optional[int]
 
 
-def load_and_plan(config_path: str | Path, seed: Optional[int] = None) -> tuple[MergePlan, str]:
+def load_and_plan(config_path: str | Path, seed: Optional[int] = None,
+                  allow_crimes: bool = False) -> tuple[MergePlan, str]:
     """Read, validate and plan a merge recipe (reads only headers); also return its text."""
     config, text = load_config(config_path)
-    return plan_merge(config, str(config_path), seed), text
+    return plan_merge(config, str(config_path), seed, allow_crimes), text
 
 
-def dry_run(config_path: str | Path, options: MergeOptions = MergeOptions()) -> str:
-    """Validate the options and the recipe against its inputs' headers; return the plan as text."""
+def dry_run(config_path: str | Path, options: MergeOptions = MergeOptions(),
+            out_dir: Optional[str | Path] = None) -> str:
+    """Validate the options, the output (when given) and the recipe against its inputs' headers, as the
+    real run would; return the plan as text. Writes nothing."""
     from mergelab import engine
+    from mergelab.io import OutputDirectory
 
     engine.check_options(options)
-    plan, _ = load_and_plan(config_path, options.seed)
+    output = OutputDirectory(out_dir, force=options.force, inputs=[config_path]) if out_dir is not None else None
+    plan, _ = load_and_plan(config_path, options.seed, options.allow_crimes)
+    if output is not None:
+        output.protect(plan.input_paths())
     return describe_plan(plan, options.prefetch)
 
 
@@ -58,7 +69,7 @@ def run_merge(config_path: str | Path, out_dir: str | Path, options: MergeOption
     shard_bytes = engine.check_options(options)
     output = OutputDirectory(out_dir, force=options.force, inputs=[config_path])  # before any model is fetched
     seed = options.seed if options.seed is not None else secrets.randbelow(2**31)
-    plan, text = load_and_plan(config_path, seed)
+    plan, text = load_and_plan(config_path, seed, options.allow_crimes)
     if plan.seed is not None and options.seed is None:
         log.warning("no --seed given for random method %s; using seed %d (recorded in the model card)",
                     plan.method.name, seed)

@@ -96,10 +96,11 @@ class _Slice:
 
 
 class _Planner:
-    def __init__(self, config: MergeConfig, source: str, seed: Optional[int]):
+    def __init__(self, config: MergeConfig, source: str, seed: Optional[int], allow_crimes: bool = False):
         self.config = config
         self.source = source
         self.seed = seed
+        self.allow_crimes = allow_crimes
         self.method = get_method(config.merge_method)
         check_parameters(config, self.method, source)
         self.checkpoints = {}
@@ -112,12 +113,34 @@ class _Planner:
                 self.checkpoints[reference] = open_model(reference)
             except InputError as exc:
                 raise InputError(f"{source}: {field_name}: {exc}") from None
+        self.check_architectures(list(dict(config.model_fields())))
         self.vocabulary: Optional[Vocabulary] = None
         self.top = SettingScope(config.parameters, f"{source}: parameters")
         self.tasks: list[TensorTask] = []
         self.covered: dict[str, set[str]] = {}  # model -> input tensor names some output accounts for
         self.out_layers = 0
         self.output_tied = False
+
+    def check_architectures(self, models: Sequence[str]) -> None:
+        """Inputs of different architectures (config ``architectures``, else ``model_type``) are refused
+        unless ``allow_crimes`` (mergekit's --allow-crimes): their tensors may line up by name and shape
+        while meaning different things."""
+        found: dict[str, str] = {}
+        for model in models:
+            config = self.checkpoints[model].config
+            names = config.get("architectures")
+            kind = str(names[0]) if isinstance(names, list) and names else str(config.get("model_type") or "unknown")
+            found.setdefault(model, kind)
+        if len(set(found.values())) < 2:
+            return
+        listing = ", ".join(f"'{model}' is {kind}" for model, kind in found.items())
+        if not self.allow_crimes:
+            raise ConfigError(
+                f"{self.source}: the models are of different architectures ({listing}). Merge models of one "
+                "architecture, or pass --allow-crimes (as in mergekit) if you mean to mix them; the output takes "
+                "the config of the base (or first) model."
+            )
+        log.warning("mixing architectures (--allow-crimes): %s", listing)
 
     def tied(self, model: str) -> bool:
         checkpoint = self.checkpoints[model]
@@ -210,6 +233,8 @@ class _Planner:
                 else f"at least {method.min_models}" + (f" and at most {method.max_models}" if method.max_models else "")
             )
             what = "models besides the base" if with_base else "models"
+            if method.max_models == method.min_models == 1:
+                what = what.replace("models", "model", 1)
             raise ConfigError(f"{output_slice.where}: merge_method {method.name} takes {wanted} {what}, got {count}.")
 
     def check_duplicates(self, output_slice: _Slice) -> None:
@@ -263,7 +288,8 @@ class _Planner:
             return
         per_model = [(s.model, n, s.scopes) for i, (s, n) in enumerate(zip(sources, names)) if i != base_index]
         params = resolve_tensor_params(
-            self.method, output_name=output, t=t, shared_scopes=output_slice.shared_scopes, models=per_model
+            self.method, output_name=output, t=t, shared_scopes=output_slice.shared_scopes, models=per_model,
+            source=self.source,
         )
         seed = tensor_seed(self.seed or 0, output) if self.method.random else None
         op: Any = MethodCall.resolved(self.method.name, base_index, params, seed)
@@ -419,9 +445,12 @@ def _output_config(checkpoints: dict[str, Checkpoint], reference: str, layer_sou
     return out
 
 
-def plan_merge(config: MergeConfig, source: str = "<config>", seed: Optional[int] = None) -> MergePlan:
-    """Validate ``config`` against its inputs' headers and plan every output tensor."""
-    planner = _Planner(config, source, seed)
+def plan_merge(config: MergeConfig, source: str = "<config>", seed: Optional[int] = None,
+               allow_crimes: bool = False) -> MergePlan:
+    """Validate ``config`` against its inputs' headers and plan every output tensor.
+
+    ``allow_crimes``: accept inputs of different architectures (mergekit's --allow-crimes)."""
+    planner = _Planner(config, source, seed, allow_crimes)
     tasks = planner.plan()
     slices = planner.planned_slices
     layer_sources = [(s.sources[0].model, s.sources[0].start + o) for s in slices for o in range(s.length)]

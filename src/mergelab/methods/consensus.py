@@ -41,7 +41,10 @@ def disjoint_merge_(weighted: torch.Tensor, weights: list[float], sign: torch.Te
         if all(weight == 1.0 for weight in weights):
             divisor = agree.sum(dim=0)  # small integers: exact in any order
         else:
-            divisor = torch.zeros_like(mixed)
+            # Σ w_i·m_i at least in float32: in half precision a weight such as 0.3 would round, and the
+            # quotient would be off by w / round(w) everywhere while the numerator used w itself.
+            wide = torch.float32 if mixed.dtype in (torch.float16, torch.bfloat16) else mixed.dtype
+            divisor = torch.zeros(mixed.shape, dtype=wide, device=mixed.device)
             for index, weight in enumerate(weights):
                 divisor.add_(agree[index], alpha=weight)
         if all(weight > 0 for weight in weights):

@@ -29,7 +29,10 @@ number of entries of a tensor. Parameters marked *per model* may be set under ea
 (`models[i].parameters`), else they take one value per tensor; any of them may be a
 gradient over layers or a filter list, resolved exactly as mergekit resolves them. The
 last column lists where mergelab deliberately differs from mergekit 0.1.5; everything else
-is numerically equal to mergekit on the same inputs (tests/merge/test_merge_parity.py).
+is numerically equal to mergekit on the same inputs in float32 (tests/merge/test_merge_parity.py).
+With `dtype: float16` or `bfloat16` results may differ by a unit in the last place:
+mergekit first rounds each weight to that dtype (0.3 becomes 0.30078 in bfloat16), mergelab
+multiplies by the weight as written, and TIES-family divisors Σ w_i are summed in float32.
 """
 
 FOOTER = """
