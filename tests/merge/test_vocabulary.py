@@ -169,3 +169,12 @@ def test_bad_tokenizer_settings_are_refused_before_merging(extra, message, vocab
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_tokens_no_input_has_get_zero_rows_and_a_warning(vocab_models, llama, tmp_path, caplog):
+    donor = with_added_tokens(llama.path("base"), tmp_path / "donor", ["<|new|>"], seed=3)
+    with caplog.at_level(logging.WARNING, logger="mergelab"):
+        out = run_mergelab(recipe(vocab_models, tokenizer_source=donor), tmp_path)
+    assert "1 token(s) of the output vocabulary are in no input model ('<|new|>')" in caplog.text
+    rows = rows_by_token(out, load_model_tensors(out))
+    assert torch.count_nonzero(rows["<|new|>"]) == 0

@@ -294,6 +294,13 @@ def plan_vocabulary(
     size = max(vocab.values()) + 1
     total = size if not pad else -(-size // pad) * pad
     sources = {model: row_sources(vocab, vocabs[model], rows[model]) for model in models}
+    orphans = [index for index in range(size) if all(found[index] < 0 for found in sources.values())]
+    if orphans:
+        names = {index: token for token, index in vocab.items()}
+        shown = ", ".join(repr(names.get(index, index)) for index in orphans[:5])
+        log.warning("%d token(s) of the output vocabulary are in no input model (%s%s); their rows are zeros: "
+                    "train them, or take the tokenizer from an input model", len(orphans), shown,
+                    ", ..." if len(orphans) > 5 else "")
     kind = "union of the inputs' tokenizers" if setting == UNION else f"tokenizer of '{chosen}'"
     log.info("aligning token-indexed tensors to the %s: %d tokens, %d rows", kind, size, total)
     return Vocabulary(rows=total, sources=sources, tokenizer=out, description=f"aligned to the {kind}")
