@@ -199,3 +199,13 @@ def test_merge_recipe_with_a_missing_adapter_reference(loras, broken, tmp_path):
     path.write_text(yaml.safe_dump(data))
     out = tmp_path / "out"
     assert_refused(run(["merge", str(path), str(out)]), "does-not-exist' does not exist", out)
+
+
+def test_an_adapter_is_refused_on_a_base_of_another_architecture_with_the_same_shapes(loras, tmp_path):
+    from lora_support import SIZES
+
+    mistral = make_model(tmp_path / "mistral", "mistral", seed=0, tokenizer=False, **SIZES)
+    out = tmp_path / "out"
+    result = run(["lora", "bake", str(mistral), loras.path("plain"), str(out)])
+    assert_refused(result, "(LlamaForCausalLM), but the base model", out)
+    assert "MistralForCausalLM" in result.output

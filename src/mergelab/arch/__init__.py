@@ -3,6 +3,7 @@
 from mergelab.arch.embeddings import embedding_name, head_names, is_vocab_tensor, ties_embeddings
 from mergelab.arch.names import (
     TensorName,
+    architecture,
     layer_index,
     module_role,
     parse_name,
@@ -12,6 +13,7 @@ from mergelab.arch.names import (
 
 __all__ = [
     "TensorName",
+    "architecture",
     "embedding_name",
     "head_names",
     "is_vocab_tensor",

@@ -100,3 +100,11 @@ def stores_transposed(name: str, config: Mapping[str, Any]) -> bool:
     if components[-1] in ("weight", "bias"):
         components = components[:-1]
     return config.get("model_type") in _CONV1D_MODEL_TYPES and components[-1] in _CONV1D_MODULES
+
+
+def architecture(config: Mapping[str, Any]) -> str:
+    """The model class a config names (``architectures[0]``), else its ``model_type``, else 'unknown'."""
+    names = config.get("architectures")
+    if isinstance(names, list) and names:
+        return str(names[0])
+    return str(config.get("model_type") or "unknown")

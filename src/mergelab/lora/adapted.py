@@ -19,12 +19,13 @@ streamed tasks from it. Both apply adapters as PEFT runs them, unmerged:
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
-from mergelab.arch import embedding_name, head_names, parse_name, stores_transposed, ties_embeddings
+from mergelab.arch import architecture, embedding_name, head_names, parse_name, stores_transposed, ties_embeddings
 from mergelab.errors import InputError
 from mergelab.io import Checkpoint, TensorInfo
 from mergelab.io.adapter import Adapter, TensorUpdate, plan_updates
@@ -62,6 +63,28 @@ def tensors_with_head(base: Checkpoint) -> dict[str, TensorInfo]:
     if tied is not None:
         tensors[tied.head] = replace(base.tensors[tied.embed], name=tied.head)
     return tensors
+
+
+def check_recorded_base(adapter: Adapter, base: Checkpoint) -> None:
+    """An adapter names the base it was trained on (``base_model_name_or_path``); when that is a local model
+    directory, its architecture must be the base's (shapes alone can agree across families)."""
+    recorded = adapter.base_model_name_or_path
+    if not recorded:
+        return
+    config_file = Path(recorded).expanduser() / "config.json"
+    try:
+        theirs = json.loads(config_file.read_text()) if config_file.is_file() else None
+    except (OSError, ValueError):
+        return  # unreadable: the shapes are still checked
+    if not isinstance(theirs, dict):
+        return
+    trained_on, given = architecture(theirs), architecture(base.config)
+    if trained_on != given:
+        raise InputError(
+            f"adapter '{adapter.reference}' was trained on '{recorded}' ({trained_on}), but the base model "
+            f"'{base.reference}' is {given}; apply it to a base of its own architecture (if you mean this one, set "
+            f"base_model_name_or_path in its adapter_config.json)."
+        )
 
 
 def _untied_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -104,6 +127,7 @@ class AdaptedModel:
             adapter.lay_out_like_base(lambda module: stores_transposed(module, base.config), base.reference)
         addressable = tensors_with_head(base)
         for adapter in self.adapters:
+            check_recorded_base(adapter, base)
             adapter.check_base(addressable, base.reference)
         self.updates: dict[str, TensorUpdate] = plan_updates(self.adapters, weights)
         self.untied = self._untie()

@@ -40,7 +40,7 @@ from mergelab.io.adapter import (
     lora_delta,
     lora_tensor_names,
 )
-from mergelab.lora.adapted import open_model, tensors_with_head
+from mergelab.lora.adapted import check_recorded_base, open_model, tensors_with_head
 from mergelab.lora.config import (
     CAT,
     LoraMergeConfig,
@@ -374,6 +374,7 @@ class _Planner:
             for adapter in self.adapters:
                 adapter.lay_out_like_base(lambda module: stores_transposed(module, base.config),
                                           self.config.base_model or "")
+                check_recorded_base(adapter, base)
                 adapter.check_base(tensors_with_head(base), self.config.base_model or "")
         prefixes = [a.layer_prefixes() for a in self.adapters]
         for index, found in enumerate(prefixes[1:], start=1):

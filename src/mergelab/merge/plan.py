@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from mergelab.arch import embedding_name, head_names, is_vocab_tensor, parse_name, ties_embeddings, with_layer_index
+from mergelab.arch import architecture, embedding_name, head_names, is_vocab_tensor, parse_name, ties_embeddings, with_layer_index
 from mergelab.config import MergeConfig, SettingScope, check_parameters, resolve_tensor_params
 from mergelab.engine import CopyInput, TensorRef, TensorTask
 from mergelab.errors import ConfigError, InputError
@@ -127,10 +127,7 @@ class _Planner:
         while meaning different things."""
         found: dict[str, str] = {}
         for model in models:
-            config = self.checkpoints[model].config
-            names = config.get("architectures")
-            kind = str(names[0]) if isinstance(names, list) and names else str(config.get("model_type") or "unknown")
-            found.setdefault(model, kind)
+            found.setdefault(model, architecture(self.checkpoints[model].config))
         if len(set(found.values())) < 2:
             return
         listing = ", ".join(f"'{model}' is {kind}" for model, kind in found.items())
