@@ -183,5 +183,10 @@ def test_classifier_judge_uses_a_local_sequence_classifier(tiny_dir, tmp_path):
     assert judge.verdicts([""] * 4, responses) == [p == 1 for p in expected]
     with pytest.raises(ConfigError, match="no label 'SAFE'"):
         ClassifierJudge(str(path), label="SAFE")
-    with pytest.raises(JudgeError, match="cannot load"):
+    with pytest.raises(JudgeError, match="is not a model directory"):
         ClassifierJudge(str(tmp_path / "missing"))
+    with pytest.raises(JudgeError, match="is not a model directory"):
+        ClassifierJudge("nonexist")  # neither a directory nor org/model: no Hub lookup
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(JudgeError, match="cannot load"):
+        ClassifierJudge(str(tmp_path / "empty"))

@@ -110,6 +110,10 @@ class ClassifierJudge:
             raise ConfigError("the classifier judge needs classifier=PATH (a sequence-classification model directory).")
         if input not in ("response", "pair"):
             raise ConfigError(f"classifier judge: input must be 'response' or 'pair', got '{input}'.")
+        hub_name = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+        if not hub_name and not os.path.isdir(os.path.expanduser(path)):
+            raise JudgeError(f"classifier judge: '{path}' is not a model directory (nor a Hub name org/model); "
+                             "give classifier=PATH to a sequence-classification model.")
         try:
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
