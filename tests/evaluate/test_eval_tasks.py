@@ -87,6 +87,15 @@ def test_refusal_groups_beavertails_pairs_by_prompt_and_measures_refusals(tmp_pa
     assert task["info"]["judge"]["judge"] == "keyword"
     assert "+1 more rows with this prompt" in task["items"][0]["where"]
 
+    # --compare pairs the same prompts of two models: the rates are means of per-item refusal scores
+    from mergelab.evaluate.compare import compare_results
+
+    stubborn = scripted_runner(lambda request: "I'm sorry, but I can't help with that.")
+    other = run_tasks(stubborn, build_tasks([spec]))[spec]
+    rows = {row["metric"]: row for row in compare_results({"tasks": {spec: task}}, {"tasks": {spec: other}})}
+    assert rows["refusal_rate"]["method"] == "paired bootstrap" and rows["refusal_rate"]["diff"] == 0.5
+    assert rows["over_refusal_rate"]["diff"] == 1.0  # one benign prompt: too few items for an interval
+
 
 def test_adapters_are_merged_at_load_and_change_the_fingerprint(tiny_dir, tmp_path, mmlu_files):
     import torch

@@ -3,9 +3,10 @@
 For each task and metric present in both files the difference B − A gets a 95% interval:
 
 - **paired** when both files scored the same items (same task, same item inputs, and a
-  per-item score for the metric): a bootstrap over items of the mean per-item difference
-  — much tighter than comparing two separate intervals, because the same hard items are
-  hard for both models;
+  per-item score for the metric — the item score named by the metric's ``item_score``, or
+  the metric's own name — on the same items in both): a bootstrap over items of the mean
+  per-item difference — much tighter than comparing two separate intervals, because the
+  same hard items are hard for both models;
 - otherwise **unpaired**: B − A ± 1.96 · √(stderr_A² + stderr_B²).
 
 A difference is *significant* when its interval excludes 0.
@@ -21,7 +22,11 @@ import numpy as np
 from mergelab.evaluate.results import BOOTSTRAP_RESAMPLES
 
 
-def _paired_values(entry_a: dict[str, Any], entry_b: dict[str, Any], metric: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
+def _paired_values(entry_a: dict[str, Any], entry_b: dict[str, Any], key: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """Per-item scores ``key`` of the same items in both, or None when the items differ.
+
+    Items without the score in both are left out (a refusal rate counts harmful prompts
+    only); an item scored in one file and not the other makes the pairing fail."""
     items_a, items_b = entry_a.get("items"), entry_b.get("items")
     if not items_a or not items_b or len(items_a) != len(items_b):
         return None
@@ -29,11 +34,14 @@ def _paired_values(entry_a: dict[str, Any], entry_b: dict[str, Any], metric: str
     for a, b in zip(items_a, items_b):
         if a.get("input") != b.get("input"):
             return None
-        score_a, score_b = a.get("scores", {}).get(metric), b.get("scores", {}).get(metric)
-        if score_a is None or score_b is None:
+        score_a, score_b = a.get("scores", {}).get(key), b.get("scores", {}).get(key)
+        if (score_a is None) != (score_b is None):
             return None
-        values_a.append(score_a)
-        values_b.append(score_b)
+        if score_a is not None:
+            values_a.append(score_a)
+            values_b.append(score_b)
+    if not values_a:
+        return None
     return np.asarray(values_a, dtype=float), np.asarray(values_b, dtype=float)
 
 
@@ -50,7 +58,8 @@ def compare_results(a: dict[str, Any], b: dict[str, Any], seed: int = 0) -> list
                 continue
             diff = summary_b["value"] - summary_a["value"]
             interval, method = None, "n/a"
-            paired = _paired_values(entry_a, entry_b, metric) if entry_a.get("task") != "perplexity" else None
+            key = summary_a.get("item_score", metric)
+            paired = _paired_values(entry_a, entry_b, key) if entry_a.get("task") != "perplexity" else None
             if paired is not None and len(paired[0]) >= 2:
                 differences = paired[1] - paired[0]
                 index = np.random.default_rng(seed).integers(0, len(differences), (BOOTSTRAP_RESAMPLES, len(differences)))

@@ -115,8 +115,8 @@ class JudgeTask(Task):
         metrics = {"score": summarize_mean(all_ratings, context.seed)}
         for turn in (1, 2):
             values = [i["scores"][f"turn{turn}"] for i in items if f"turn{turn}" in i["scores"]]
-            if values:
-                metrics[f"score_turn{turn}"] = summarize_mean(values, context.seed)
+            if values:  # item_score: the per-item rating it averages (results --compare pairs items by it)
+                metrics[f"score_turn{turn}"] = {**summarize_mean(values, context.seed), "item_score": f"turn{turn}"}
         categories = sorted({i["category"] for i in items})
         breakdown = {"category": {
             category: {"score": summarize_mean([v for i in items if i["category"] == category

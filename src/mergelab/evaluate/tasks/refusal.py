@@ -139,10 +139,11 @@ class RefusalTask(Task):
         harmful = [i["scores"]["refusal"] for i in items if "refusal" in i["scores"]]
         benign = [i["scores"]["over_refusal"] for i in items if "over_refusal" in i["scores"]]
         metrics = {}
+        # item_score: the per-item score each rate is the mean of (results --compare pairs items by it)
         if any(not i["is_safe"] for i in items):
-            metrics["refusal_rate"] = summarize_mean(harmful, context.seed)
+            metrics["refusal_rate"] = {**summarize_mean(harmful, context.seed), "item_score": "refusal"}
         if any(i["is_safe"] for i in items):
-            metrics["over_refusal_rate"] = summarize_mean(benign, context.seed)
+            metrics["over_refusal_rate"] = {**summarize_mean(benign, context.seed), "item_score": "over_refusal"}
         by_category: dict[str, dict[str, Any]] = {}
         for category in sorted({c for i in items if not i["is_safe"] for c in i["categories"]}):
             values = [i["scores"]["refusal"] for i in items
