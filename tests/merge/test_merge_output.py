@@ -107,6 +107,9 @@ def test_dry_run_prints_the_plan_and_writes_nothing(llama, tmp_path):
     assert f"from {llama.path('ft1')}:model.layers.3.mlp.down_proj.weight" in result.output
     assert "estimated peak tensor memory" in result.output
     assert not out.exists()
+    deep = tmp_path / "not" / "yet" / "out"
+    assert CliRunner().invoke(app, ["merge", str(recipe), str(deep), "--dry-run"]).exit_code == 0
+    assert not (tmp_path / "not").exists()  # a dry run makes no parent directory either
     out.mkdir()  # the dry run checks the output as the real run would
     refused = CliRunner().invoke(app, ["merge", str(recipe), str(out), "--dry-run"])
     assert refused.exit_code == 2 and "already exists" in refused.output and "--force" in refused.output

@@ -7,6 +7,7 @@ from mergelab.arch.names import (
     layer_index,
     module_role,
     parse_name,
+    same_architecture,
     stores_transposed,
     with_layer_index,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "layer_index",
     "module_role",
     "parse_name",
+    "same_architecture",
     "stores_transposed",
     "ties_embeddings",
     "with_layer_index",

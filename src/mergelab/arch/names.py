@@ -108,3 +108,13 @@ def architecture(config: Mapping[str, Any]) -> str:
     if isinstance(names, list) and names:
         return str(names[0])
     return str(config.get("model_type") or "unknown")
+
+
+def same_architecture(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two configs are of one architecture: by model class when both name one, else by
+    ``model_type`` when both have it (a config without either matches anything)."""
+    names_a, names_b = a.get("architectures"), b.get("architectures")
+    if isinstance(names_a, list) and names_a and isinstance(names_b, list) and names_b:
+        return str(names_a[0]) == str(names_b[0])
+    type_a, type_b = a.get("model_type"), b.get("model_type")
+    return not (type_a and type_b) or type_a == type_b

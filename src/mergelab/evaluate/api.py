@@ -82,8 +82,9 @@ def _used_settings(tasks: list[tuple[str, Task]]) -> dict[str, Any]:
     the number they used."""
     used: dict[str, Any] = {}
     for name in ("limit", "num_fewshot"):
-        values = {label: task.shots_used if name == "num_fewshot" and task.shots_used is not None
-                  else (task.loaded_with or {}).get(name) for label, task in tasks}
+        values = {label: (task.loaded_with or {}).get(name) for label, task in tasks}
+        if name == "num_fewshot":  # of the tasks that take shots, when there are any
+            values = {label: task.shots_used for label, task in tasks if task.shots_used is not None} or values
         distinct = set(values.values())
         used[name] = distinct.pop() if len(distinct) == 1 else values
     return used

@@ -248,7 +248,8 @@ class OutputDirectory:
         self.inputs = [Path(path).expanduser().resolve() for path in inputs]
         self.temporary: Path | None = None
         self.check()
-        os.rmdir(self._make_temporary())  # find out now, not after the work, whether the output can be made there
+        # Find out now, not after the work, whether the output can be made there; create nothing yet.
+        os.rmdir(self._make_temporary(self._existing_ancestor()))
 
     def protect(self, inputs: Iterable[str | os.PathLike[str]]) -> None:
         """Refuse the destination if it is or contains one of ``inputs`` too."""
@@ -273,25 +274,30 @@ class OutputDirectory:
             raise ConfigError(
                 f"output directory '{destination}' already exists; choose another path or pass --force to replace it."
             )
-        ancestor = destination.parent
-        while not ancestor.exists() and ancestor != ancestor.parent:
-            ancestor = ancestor.parent  # missing parents are made when the work starts (as mergekit does)
+        ancestor = self._existing_ancestor()
         if not ancestor.is_dir():
             raise ConfigError(f"output '{destination}': '{ancestor}' is a file, not a directory; choose another path.")
 
-    def _make_temporary(self) -> Path:
+    def _existing_ancestor(self) -> Path:
+        """The output's nearest existing parent: missing ones are made when the work starts (as mergekit does)."""
+        ancestor = self.destination.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        return ancestor
+
+    def _make_temporary(self, where: Path) -> Path:
         try:
-            self.destination.parent.mkdir(parents=True, exist_ok=True)
-            return Path(tempfile.mkdtemp(prefix=f".{self.destination.name}.tmp-", dir=self.destination.parent))
+            where.mkdir(parents=True, exist_ok=True)
+            return Path(tempfile.mkdtemp(prefix=f".{self.destination.name}.tmp-", dir=where))
         except OSError as exc:
             raise InputError(
                 f"cannot create the output '{self.destination}': {exc.strerror or exc} in "
-                f"'{self.destination.parent}'; choose a writable place for the output."
+                f"'{where}'; choose a writable place for the output."
             ) from None
 
     def __enter__(self) -> Path:
         self.check()
-        self.temporary = self._make_temporary()
+        self.temporary = self._make_temporary(self.destination.parent)
         return self.temporary
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -25,7 +25,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
-from mergelab.arch import architecture, embedding_name, head_names, parse_name, stores_transposed, ties_embeddings
+from mergelab.arch import (
+    architecture,
+    embedding_name,
+    head_names,
+    parse_name,
+    same_architecture,
+    stores_transposed,
+    ties_embeddings,
+)
 from mergelab.errors import InputError
 from mergelab.io import Checkpoint, TensorInfo
 from mergelab.io.adapter import Adapter, TensorUpdate, plan_updates
@@ -78,8 +86,8 @@ def check_recorded_base(adapter: Adapter, base: Checkpoint) -> None:
         return  # unreadable: the shapes are still checked
     if not isinstance(theirs, dict):
         return
-    trained_on, given = architecture(theirs), architecture(base.config)
-    if trained_on != given:
+    if not same_architecture(theirs, base.config):
+        trained_on, given = architecture(theirs), architecture(base.config)
         raise InputError(
             f"adapter '{adapter.reference}' was trained on '{recorded}' ({trained_on}), but the base model "
             f"'{base.reference}' is {given}; apply it to a base of its own architecture (if you mean this one, set "

@@ -13,7 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from mergelab.arch import architecture, embedding_name, head_names, is_vocab_tensor, parse_name, ties_embeddings, with_layer_index
+from mergelab.arch import (
+    architecture,
+    embedding_name,
+    head_names,
+    is_vocab_tensor,
+    parse_name,
+    same_architecture,
+    ties_embeddings,
+    with_layer_index,
+)
 from mergelab.config import MergeConfig, SettingScope, check_parameters, resolve_tensor_params
 from mergelab.engine import CopyInput, TensorRef, TensorTask
 from mergelab.errors import ConfigError, InputError
@@ -113,7 +122,7 @@ class _Planner:
                 self.checkpoints[reference] = open_model(reference)
             except InputError as exc:
                 raise InputError(f"{source}: {field_name}: {exc}") from None
-        self.check_architectures(list(dict(config.model_fields())))
+        self.check_architectures(config.referenced_models())
         self.vocabulary: Optional[Vocabulary] = None
         self.top = SettingScope(config.parameters, f"{source}: parameters")
         self.tasks: list[TensorTask] = []
@@ -125,11 +134,11 @@ class _Planner:
         """Inputs of different architectures (config ``architectures``, else ``model_type``) are refused
         unless ``allow_crimes`` (mergekit's --allow-crimes): their tensors may line up by name and shape
         while meaning different things."""
-        found: dict[str, str] = {}
-        for model in models:
-            found.setdefault(model, architecture(self.checkpoints[model].config))
-        if len(set(found.values())) < 2:
+        configs = {model: self.checkpoints[model].config for model in models}
+        first = configs[models[0]]
+        if all(same_architecture(first, config) for config in configs.values()):
             return
+        found = {model: architecture(config) for model, config in configs.items()}
         listing = ", ".join(f"'{model}' is {kind}" for model, kind in found.items())
         if not self.allow_crimes:
             raise ConfigError(
