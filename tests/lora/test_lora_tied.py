@@ -10,12 +10,14 @@ model computes before merging; PEFT's own ``merge_and_unload`` agrees for
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 
 import pytest
 import torch
 from helpers import load_model_tensors, run_mergelab
-from lora_support import make_adapter, peft_model
+from lora_support import lora_merge, make_adapter, peft_model
+from safetensors.torch import load_file
 
 from mergelab.lora.bake import run_bake
 from mergelab.lora.output import LoraOptions
@@ -29,6 +31,7 @@ ADAPTERS = {
     "head_lora": dict(target_modules=["q_proj", "lm_head"]),
     "saved_embedding": dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"]),
     "saved_head": dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),
+    "saved_head_too": dict(target_modules=["v_proj"], modules_to_save=["lm_head"]),
 }
 
 
@@ -99,3 +102,34 @@ def test_a_tied_base_untouched_by_the_adapter_stays_tied(tied, tmp_path):
     baked = run_bake(str(base), [str(adapter)], tmp_path / "baked", options=QUIET).out_dir
     assert json.loads((baked / "config.json").read_text())["tie_word_embeddings"] is True
     assert "lm_head.weight" not in load_model_tensors(baked)
+
+
+def test_lora_merge_of_saved_heads_on_a_tied_base_differs_from_its_embeddings(tied, tmp_path):
+    """W of a tied base's head is its embedding matrix: W + Σ w_i (S_i − W)."""
+    base, adapters = tied
+    recipe = {"adapters": [{"adapter": adapters["saved_head"], "parameters": {"weight": 0.5}},
+                           {"adapter": adapters["saved_head_too"], "parameters": {"weight": 0.25}}],
+              "merge_method": "task_arithmetic", "base_model": str(base), "rank": 4}
+    lora_merge(recipe, tmp_path / "merged")
+    head = "base_model.model.lm_head.weight"
+    ours = load_file(str(tmp_path / "merged" / "adapter_model.safetensors"))[head]
+    w = load_model_tensors(base)["model.embed_tokens.weight"]
+    first, second = (load_file(f"{adapters[n]}/adapter_model.safetensors")[head] for n in ("saved_head", "saved_head_too"))
+    torch.testing.assert_close(ours, w + 0.5 * (first - w) + 0.25 * (second - w), rtol=0, atol=1e-6)
+
+
+def test_a_frozen_embedding_saved_beside_a_lora_is_the_heads_start_too(tied, tmp_path):
+    """PEFT loads embed_tokens.base_layer.weight into the matrix a tied base shares with its head."""
+    from safetensors.torch import save_file
+
+    base, adapters = tied
+    adapter = tmp_path / "resaved"
+    shutil.copytree(adapters["embedding_lora"], adapter)
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    frozen = "base_model.model.model.embed_tokens.base_layer.weight"
+    tensors[frozen] = tensors[frozen] + 0.05 * torch.randn_like(tensors[frozen])  # rows that differ from the base's
+    save_file(tensors, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    baked = run_bake(str(base), [str(adapter)], tmp_path / "baked", options=QUIET).out_dir
+    with torch.no_grad():
+        torch.testing.assert_close(causal_lm(baked)(TOKENS).logits, unmerged_logits(base, str(adapter)),
+                                   rtol=0, atol=1e-5)

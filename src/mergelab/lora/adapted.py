@@ -139,6 +139,8 @@ class AdaptedModel:
             adapter.check_base(addressable, base.reference)
         self.updates: dict[str, TensorUpdate] = plan_updates(self.adapters, weights)
         self.untied = self._untie()
+        if self.untied is not None:
+            self._share_frozen_copies(self.untied)
         self._tensors = dict(base.tensors)
         self._config = dict(base.config)
         if self.untied is not None:
@@ -159,6 +161,24 @@ class AdaptedModel:
             "unmerged", self.base.reference, roles, tied.head,
         )
         return tied
+
+    def _share_frozen_copies(self, tied: Untied) -> None:
+        """A base layer PEFT saved beside a LoRA on one tied role (``embed_tokens.base_layer.weight``) is
+        loaded into the one shared matrix, so it is the other role's starting value too, unless that
+        adapter saves the other role itself."""
+        empty = TensorUpdate(())
+        embed, head = self.updates.get(tied.embed, empty), self.updates.get(tied.head, empty)
+
+        def shared(update: TensorUpdate, other: TensorUpdate) -> tuple[Any, ...]:
+            owners = {term.source for term in other.terms if term.kind == "full"}
+            return tuple(term for term in update.terms if term.kind == "full" and term.source not in owners
+                         and any(".base_layer." in name for name in term.tensors))
+
+        to_head, to_embed = shared(embed, head), shared(head, embed)
+        if to_head:
+            self.updates[tied.head] = TensorUpdate(to_head + head.terms)
+        if to_embed:
+            self.updates[tied.embed] = TensorUpdate(to_embed + embed.terms)
 
     def source_name(self, tensor_name: str) -> str:
         """The base tensor that ``tensor_name`` starts from (an untied head starts from the embeddings)."""

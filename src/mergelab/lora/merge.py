@@ -40,7 +40,7 @@ from mergelab.io.adapter import (
     lora_delta,
     lora_tensor_names,
 )
-from mergelab.lora.adapted import check_recorded_base, open_model, tensors_with_head
+from mergelab.lora.adapted import check_recorded_base, open_model, tensors_with_head, tied_head
 from mergelab.lora.config import (
     CAT,
     LoraMergeConfig,
@@ -523,6 +523,11 @@ class _Planner:
                     f"'mergelab lora bake' (which applies both), or remove '{module}' from one of them."
                 )
 
+    def base_tensor(self, name: str) -> str:
+        """The base tensor an adapter's full copy of ``name`` differs from (a tied head is the embedding)."""
+        tied = tied_head(self.base) if self.base is not None else None
+        return tied.embed if tied is not None and name == tied.head else name
+
     def full_tensor_tasks(self, layers: int) -> list[TensorTask]:
         """Tensors adapters save in full (modules_to_save): copied when one adapter saves them, merged
         as S_i − W against the base when several do (refused without a base)."""
@@ -572,7 +577,7 @@ class _Planner:
                 method = get_method("task_arithmetic")
                 params = {"weight": params["weight"], "normalize": False, "lambda": 1.0}
             op = FullTensorOp(self.method_call(base_name, params, method), tuple(owners), len(self.adapters))
-            inputs = (TensorRef(BASE_SOURCE, base_name), *refs)
+            inputs = (TensorRef(BASE_SOURCE, self.base_tensor(base_name)), *refs)
             tasks.append(TensorTask((OutputTensor(output_name, info.shape, out_dtype),), inputs, op, self.config.dtype))
         return tasks
 
