@@ -62,12 +62,29 @@ def test_tied_output_writes_no_head_and_says_which_heads_are_unused(llama, tmp_p
     assert torch.equal(model.get_output_embeddings().weight, ours["model.embed_tokens.weight"])
 
 
+def stored_head_equal_to_embeddings(path: str) -> str:
+    tensors = load_file(f"{path}/model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, f"{path}/model.safetensors", metadata={"format": "pt"})
+    return path
+
+
 def test_stray_head_of_a_tied_model_is_not_written(llama, tmp_path):
-    stray = retie(llama.path("ft1"), tmp_path / "stray", keep_head=True)
-    other = retie(llama.path("ft2"), tmp_path / "other", keep_head=True)
+    stray = stored_head_equal_to_embeddings(retie(llama.path("ft1"), tmp_path / "stray", keep_head=True))
+    other = stored_head_equal_to_embeddings(retie(llama.path("ft2"), tmp_path / "other", keep_head=True))
     ours = load_model_tensors(run_mergelab(linear(stray, other), tmp_path))
     assert "lm_head.weight" not in ours
     assert "model.embed_tokens.weight" in ours
+
+
+def test_a_tied_model_storing_a_different_head_is_ambiguous_and_refused(llama, tmp_path):
+    """transformers 4 ties such a head away, transformers 5 keeps it: mergelab will not guess."""
+    from mergelab.errors import InputError
+
+    ambiguous = retie(llama.path("ft1"), tmp_path / "ambiguous", keep_head=True)  # ft1's own, different head
+    with pytest.raises(InputError, match="ties its embeddings .* but also stores a different 'lm_head.weight'"):
+        run_mergelab(linear(ambiguous, llama.path("ft2")), tmp_path)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gpt2"])

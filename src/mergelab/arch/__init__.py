@@ -1,6 +1,12 @@
 """What a tensor name means: layer index, module role, embedding or not, tied output head."""
 
-from mergelab.arch.embeddings import embedding_name, head_names, is_vocab_tensor, ties_embeddings
+from mergelab.arch.embeddings import (
+    check_stored_head,
+    embedding_name,
+    head_names,
+    is_vocab_tensor,
+    ties_embeddings,
+)
 from mergelab.arch.names import (
     TensorName,
     architecture,
@@ -14,6 +20,7 @@ from mergelab.arch.names import (
 
 __all__ = [
     "TensorName",
+    "check_stored_head",
     "architecture",
     "embedding_name",
     "head_names",

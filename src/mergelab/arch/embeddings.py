@@ -1,9 +1,11 @@
 """Token-indexed tensors: input embeddings, the output head, and whether the two are tied.
 
 A model "ties" its output head to its input embeddings when ``tie_word_embeddings`` is
-true in its config (transformers then uses the embedding matrix as the head, whatever
-``lm_head.weight`` the checkpoint may also store). Older configs without the key are
-read from the checkpoint itself: no output-head tensor means tied.
+true in its config; older configs without the key are read from the checkpoint itself: no
+output-head tensor means tied. A tied checkpoint that also stores ``lm_head.weight`` is
+fine when the two matrices are equal; when they differ, transformers 4 uses the
+embeddings as the head and transformers 5 the stored head, so :func:`check_stored_head`
+refuses such a checkpoint rather than guess.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Mapping, Optional
 
 from mergelab.arch.names import parse_name
+from mergelab.errors import InputError
 
 VOCAB_ROLES = ("embed", "lm_head")
 
@@ -39,3 +42,30 @@ def ties_embeddings(config: Mapping[str, Any], tensor_names: Iterable[str]) -> b
     if declared is None:
         return not head_names(names) and embedding_name(names) is not None
     return bool(declared)
+
+
+_AGREEING: set[tuple[str, str, str]] = set()  # (model directory, embedding, head) found equal this process
+
+
+def check_stored_head(checkpoint: Any) -> None:
+    """A tied model (``ties_embeddings``) that stores an output head too must store the embedding
+    matrix there; reads both tensors once per model and process."""
+    if not ties_embeddings(checkpoint.config, checkpoint.tensors):
+        return
+    embed = embedding_name(checkpoint.tensors)
+    heads = [name for name in head_names(checkpoint.tensors) if name.endswith("weight")]
+    if embed is None or not heads:
+        return
+    key = (str(checkpoint.path), embed, heads[0])
+    if key in _AGREEING:
+        return
+    import torch
+
+    embedding, head = checkpoint.get_tensor(embed), checkpoint.get_tensor(heads[0])
+    if embedding.shape != head.shape or not torch.equal(embedding, head):
+        raise InputError(
+            f"model '{checkpoint.path}' ties its embeddings (tie_word_embeddings) but also stores a different "
+            f"'{heads[0]}': transformers 4 would use '{embed}' as the head, transformers 5 the stored one. Set "
+            "tie_word_embeddings in its config.json to the model you mean (false keeps the stored head)."
+        )
+    _AGREEING.add(key)

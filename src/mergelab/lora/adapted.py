@@ -27,6 +27,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from mergelab.arch import (
     architecture,
+    check_stored_head,
     embedding_name,
     head_names,
     parse_name,
@@ -59,6 +60,7 @@ def tied_head(base: Checkpoint) -> Optional[Untied]:
     embed = embedding_name(base.tensors)
     if embed is None:
         return None
+    check_stored_head(base)
     stored = [name for name in head_names(base.tensors) if name.endswith("weight")]
     return Untied(embed, stored[0] if stored else DEFAULT_HEAD)
 

@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 
 from mergelab.arch import (
     architecture,
+    check_stored_head,
     embedding_name,
     head_names,
     is_vocab_tensor,
@@ -123,6 +124,8 @@ class _Planner:
             except InputError as exc:
                 raise InputError(f"{source}: {field_name}: {exc}") from None
         self.check_architectures(config.referenced_models())
+        for reference in config.referenced_models():
+            check_stored_head(self.checkpoints[reference])
         self.vocabulary: Optional[Vocabulary] = None
         self.top = SettingScope(config.parameters, f"{source}: parameters")
         self.tasks: list[TensorTask] = []
