@@ -38,7 +38,7 @@ ADAPTERS = {
 @pytest.fixture(scope="module")
 def tied(tmp_path_factory):
     root = tmp_path_factory.mktemp("tied")
-    base = make_model(root / "base", "llama", seed=0, tokenizer=False, tie_embeddings=True, **SIZES)
+    base = make_model(root / "base", "llama", seed=0, tie_embeddings=True, **SIZES)
     assert json.loads((base / "config.json").read_text())["tie_word_embeddings"] is True
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PEFT warns about adapters on tied modules: the point of these tests
@@ -133,3 +133,15 @@ def test_a_frozen_embedding_saved_beside_a_lora_is_the_heads_start_too(tied, tmp
     with torch.no_grad():
         torch.testing.assert_close(causal_lm(baked)(TOKENS).logits, unmerged_logits(base, str(adapter)),
                                    rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["embedding_lora", "head_lora"])
+def test_eval_with_an_adapter_on_a_tied_base_scores_the_baked_model(tied, tmp_path, name):
+    """mergelab eval --adapter merges with PEFT; on a tied base it unties first, as bake does."""
+    from mergelab.evaluate import load_model
+
+    base, adapters = tied
+    model, _ = load_model(base, adapters=[adapters[name]])
+    baked = run_bake(str(base), [adapters[name]], tmp_path / "baked", options=QUIET).out_dir
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS).logits, causal_lm(baked)(TOKENS).logits, rtol=0, atol=1e-5)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,8 @@ from mergelab.io.checkpoint import TOKENIZER_FILES
 
 if TYPE_CHECKING:
     from mergelab.evaluate.cache import ResultCache
+
+log = logging.getLogger(__name__)
 
 GENERATION_CONFIG = "generation_config.json"
 _CHUNK = 16 * 1024 * 1024
@@ -214,6 +217,7 @@ def load_model(reference: str | os.PathLike[str], adapters: Sequence[str | os.Pa
                                                      **{_dtype_keyword(): torch_dtype})
     except Exception as exc:
         raise InputError(f"{checkpoint.path}: transformers could not load the model ({type(exc).__name__}: {exc}).") from exc
+    _untie_for(model, opened)
     for adapter in opened:
         from peft import PeftModel
 
@@ -226,6 +230,29 @@ def load_model(reference: str | os.PathLike[str], adapters: Sequence[str | os.Pa
     model.to(device)
     model.eval()
     return model, load_tokenizer(checkpoint.path)
+
+
+def _untie_for(model: Any, adapters: Sequence[Adapter]) -> None:
+    """Give a tied model's output head its own matrix when an adapter changes the embeddings or the
+    head (LoRA or modules_to_save): merged into the one shared matrix, PEFT's merge_and_unload would
+    change both roles, unlike the adapter it evaluates (``mergelab lora bake`` unties the same way)."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if inputs is None or outputs is None or outputs.weight is not inputs.weight:
+        return
+    names = {id(module): name for name, module in model.named_modules()}
+    roles = {names.get(id(inputs)), names.get(id(outputs))}
+    touched = [adapter for adapter in adapters
+               if roles & (set(adapter.modules) | {name.rsplit(".", 1)[0] for name in adapter.full_tensors})]
+    if not touched:
+        return
+    import torch
+
+    outputs.weight = torch.nn.Parameter(inputs.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    log.warning("adapter '%s' changes the embeddings or the output head of a model that ties them; the head gets "
+                "its own matrix so the model computes what the adapter computes unmerged", touched[0].reference)
 
 
 @dataclass
