@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TextIO
 
 from mergelab.errors import InputError
+from mergelab.io.checkpoint import looks_like_hub_name
 
 ZOO_PREFIX = "zoo:"
 HF_PREFIX = "hf:"
@@ -302,7 +303,6 @@ def load_rows(source: str | Path, *, split: str = "test", hf_config: Optional[st
     path = Path(text).expanduser()
     if path.exists():
         return read_file(path)
-    looks_like_hub = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not path.suffix
-    if looks_like_hub:
+    if looks_like_hub_name(text) and not path.suffix:
         return load_hf(text, hf_config, split)
     raise InputError(f"data file '{text}' does not exist (nor is it a zoo: or Hugging Face dataset name).")

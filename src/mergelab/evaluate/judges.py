@@ -44,6 +44,7 @@ from typing import Any, Optional, Sequence
 
 from mergelab.errors import ConfigError, InputError, MergelabError
 from mergelab.evaluate.cache import request_key
+from mergelab.io.checkpoint import looks_like_hub_name
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,7 @@ class ClassifierJudge:
             raise ConfigError("the classifier judge needs classifier=PATH (a sequence-classification model directory).")
         if input not in ("response", "pair"):
             raise ConfigError(f"classifier judge: input must be 'response' or 'pair', got '{input}'.")
-        hub_name = path.count("/") == 1 and not path.startswith((".", "/", "~"))
-        if not hub_name and not os.path.isdir(os.path.expanduser(path)):
+        if not looks_like_hub_name(path) and not os.path.isdir(os.path.expanduser(path)):
             raise JudgeError(f"classifier judge: '{path}' is not a model directory (nor a Hub name org/model); "
                              "give classifier=PATH to a sequence-classification model.")
         try:

@@ -203,6 +203,11 @@ def _refuse_pickles(directory: Path) -> None:
     )
 
 
+def looks_like_hub_name(reference: str) -> bool:
+    """``org/name`` (a Hugging Face Hub repository), as opposed to a local path."""
+    return reference.count("/") == 1 and not reference.startswith((".", "/", "~"))
+
+
 def resolve_model_dir(reference: str) -> Path:
     """Turn a model reference into a local directory.
 
@@ -219,8 +224,7 @@ def resolve_model_dir(reference: str) -> Path:
     path = Path(reference).expanduser()
     if path.exists():
         return path
-    looks_like_repo = reference.count("/") == 1 and not reference.startswith((".", "/", "~"))
-    if not looks_like_repo:
+    if not looks_like_hub_name(reference):
         raise InputError(f"model path '{reference}' does not exist; check the path.")
     try:
         from huggingface_hub import snapshot_download

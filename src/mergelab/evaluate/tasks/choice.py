@@ -32,6 +32,7 @@ from mergelab.errors import ConfigError, InputError
 from mergelab.evaluate.data import Row, load_rows
 from mergelab.evaluate.results import summarize_mean
 from mergelab.evaluate.tasks.base import Context, Task, TaskResult, iter_limited, register_task
+from mergelab.io.checkpoint import looks_like_hub_name
 
 LETTERS = string.ascii_uppercase
 
@@ -148,7 +149,7 @@ class ChoiceTask(Task):
         if data.startswith("zoo:"):
             name = data[len("zoo:"):].partition(":")[0]
             return f"zoo:{name}:dev"
-        if data.startswith("hf:") or (data.count("/") == 1 and not data.startswith((".", "/", "~")) and "." not in data):
+        if data.startswith("hf:") or (looks_like_hub_name(data) and "." not in data):
             return data  # the same Hugging Face dataset, dev_split
         return None
 
