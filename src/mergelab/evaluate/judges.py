@@ -100,6 +100,17 @@ class KeywordJudge:
         return {"judge": "keyword", "phrases": list(self.phrases)}
 
 
+def check_classifier(path: Optional[str], input: str = "response") -> None:
+    """The classifier judge's settings, checked without loading the model."""
+    if not path:
+        raise ConfigError("the classifier judge needs classifier=PATH (a sequence-classification model directory).")
+    if input not in ("response", "pair"):
+        raise ConfigError(f"classifier judge: input must be 'response' or 'pair', got '{input}'.")
+    if not looks_like_hub_name(path) and not os.path.isdir(os.path.expanduser(path)):
+        raise JudgeError(f"classifier judge: '{path}' is not a model directory (nor a Hub name org/model); "
+                         "give classifier=PATH to a sequence-classification model.")
+
+
 class ClassifierJudge:
     """A local sequence-classification model whose ``label`` means refusal."""
 
@@ -107,13 +118,7 @@ class ClassifierJudge:
 
     def __init__(self, path: Optional[str], label: Optional[str] = None, input: str = "response",
                  device: str = "cpu", batch_size: int = 16):
-        if not path:
-            raise ConfigError("the classifier judge needs classifier=PATH (a sequence-classification model directory).")
-        if input not in ("response", "pair"):
-            raise ConfigError(f"classifier judge: input must be 'response' or 'pair', got '{input}'.")
-        if not looks_like_hub_name(path) and not os.path.isdir(os.path.expanduser(path)):
-            raise JudgeError(f"classifier judge: '{path}' is not a model directory (nor a Hub name org/model); "
-                             "give classifier=PATH to a sequence-classification model.")
+        check_classifier(path, input)
         try:
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 from mergelab.errors import ConfigError, InputError
 from mergelab.evaluate.data import Row, load_rows
-from mergelab.evaluate.judges import make_refusal_judge
+from mergelab.evaluate.judges import check_classifier, make_refusal_judge
 from mergelab.evaluate.results import summarize_mean
 from mergelab.evaluate.runner import GenerationParams, GenerationRequest
 from mergelab.evaluate.tasks.base import Context, Task, TaskResult, iter_limited, register_task, unescape
@@ -117,6 +117,8 @@ class RefusalTask(Task):
     def preflight(self, context: Context) -> None:
         if self.options.judge == "llm":
             context.judge.client()
+        elif self.options.judge == "classifier":
+            check_classifier(self.options.classifier, self.options.input)
 
     def run(self, context: Context) -> TaskResult:
         runner = context.require_runner(self.name)
