@@ -89,6 +89,22 @@ def test_generated_completions_are_scored_by_running_them(scripted_runner):
     assert task["metrics"]["pass@2"]["value"] == pytest.approx(0.5)
 
 
+def test_instruct_false_asks_a_chat_model_the_raw_prompt(scripted_runner):
+    """How the zoo's code expert was trained: the prompt is the user message, the answer is the body."""
+    from mergelab.errors import ConfigError
+    from mergelab.evaluate import build_tasks, run_tasks
+
+    problems = bundled(1)
+    runner = scripted_runner(lambda request: problems[0]["canonical_solution"])
+    spec = "humaneval:chat=true,instruct=false,k=1"
+    task = run_tasks(runner, build_tasks([spec], limit=1))[spec]
+    [request] = runner.requests
+    assert request.prompt == problems[0]["prompt"] and request.params.chat and not request.prefill
+    assert task["metrics"]["pass@1"]["value"] == 1.0
+    with pytest.raises(ConfigError, match="instruct=false .* needs chat=true"):
+        build_tasks(["humaneval:instruct=false"], limit=1)
+
+
 def test_a_llama2_style_tokenizer_keeps_the_indentation_that_makes_code_pass(tmp_path, jsonl, llama2_tokenizer,
                                                                             scripted_model):
     """Decoding the completion alone would drop one of its four leading spaces: an IndentationError, pass@1 = 0."""

@@ -80,3 +80,15 @@ def test_extract_keeps_the_biases_of_extracted_modules(tmp_path):
     merged = peft_model(base, {"x": str(tmp_path / "extracted")}).merge_and_unload().state_dict()
     for name, tensor in load_model_tensors(tuned).items():
         assert torch.allclose(merged[name], tensor, atol=1e-6), name
+
+
+def test_extracted_adapter_records_its_base_so_that_auto_peft_loads_it(loras, finetune, tmp_path, monkeypatch):
+    """base_model_name_or_path is the base's absolute directory, whatever the working directory was."""
+    from peft import AutoPeftModelForCausalLM
+
+    monkeypatch.chdir(loras.base.parent)
+    run_extract(loras.base.name, str(finetune), tmp_path / "extracted", rank=4, options=QUIET)
+    config = json.loads((tmp_path / "extracted" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(loras.base.resolve())
+    monkeypatch.chdir(tmp_path)
+    AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "extracted"))

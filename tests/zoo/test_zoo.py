@@ -109,6 +109,11 @@ def test_models_and_adapters_load_with_transformers_and_peft(pico, manifest):
     config = json.loads((pico / "adapters/adapter-caesar1/adapter_config.json").read_text())
     assert config["r"] == RECIPES["pico"].lora_rank and set(config["target_modules"]) >= {"q_proj", "down_proj"}
     assert adapted.generate(input_ids=ids, max_new_tokens=6, do_sample=False).shape[1] > ids.shape[1]
+    # adapters name the built base (not the temporary build directory), so PEFT's auto class finds it
+    assert config["base_model_name_or_path"] == str((pico / "models/base").resolve())
+    from peft import AutoPeftModelForCausalLM
+
+    AutoPeftModelForCausalLM.from_pretrained(str(pico / "adapters/adapter-caesar1"))
 
 
 def test_datasets_speak_the_ecosystem_formats(pico, manifest):
@@ -121,7 +126,7 @@ def test_datasets_speak_the_ecosystem_formats(pico, manifest):
     assert not train_prompts & {row["prompt"] for row in safety}  # no template instance in both splits
     choice = read_jsonl(pico / manifest["datasets"]["choice"]["splits"]["test"])
     assert set(choice[0]) == {"question", "choices", "answer", "subject"} and len(choice[0]["choices"]) == 4
-    code = pico / manifest["datasets"]["code"]["splits"]["test"]
+    code = pico / manifest["datasets"]["humaneval"]["splits"]["test"]
     rows = read_jsonl(code)
     assert set(rows[0]) == {"task_id", "prompt", "entry_point", "canonical_solution", "test"}
     samples = code.parent / "canonical-samples.jsonl"

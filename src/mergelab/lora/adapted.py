@@ -75,6 +75,18 @@ def tensors_with_head(base: Checkpoint) -> dict[str, TensorInfo]:
     return tensors
 
 
+def recorded_base(reference: str) -> str:
+    """What an output adapter records as ``base_model_name_or_path`` for the base ``reference``: the absolute
+    directory of a local or zoo model (which PEFT's ``AutoPeftModelForCausalLM`` can load from any working
+    directory), else the reference itself (a Hub name)."""
+    from mergelab.io import resolve_model_dir
+
+    if reference.startswith("zoo:"):
+        return str(resolve_model_dir(reference).resolve())
+    path = Path(reference).expanduser()
+    return str(path.resolve()) if path.is_dir() else reference
+
+
 def check_recorded_base(adapter: Adapter, base: Checkpoint) -> None:
     """An adapter names the base it was trained on (``base_model_name_or_path``); when that is a local model
     directory, its architecture must be the base's (shapes alone can agree across families)."""

@@ -28,7 +28,7 @@ from mergelab.engine import CopyInput, TaskOutput, TensorRef, TensorTask
 from mergelab.errors import ConfigError, InputError
 from mergelab.io import Checkpoint, OutputTensor
 from mergelab.io.adapter import PEFT_PREFIX, adapter_config, exact_target_modules, lora_tensor_names
-from mergelab.lora.adapted import open_model, tied_head
+from mergelab.lora.adapted import open_model, recorded_base, tied_head
 from mergelab.lora.config import default_error_threshold
 from mergelab.lora.output import (
     ADAPTER_SHARD_BYTES,
@@ -155,7 +155,7 @@ class ExtractPlan:
             ranks={module: int(rank or 0) for module, rank in self.ranks.items()},
             target_modules=self.target_modules,
             modules_to_save=self.modules_to_save,
-            base_model_name_or_path=self.base_reference,
+            base_model_name_or_path=recorded_base(self.base_reference),
             fan_in_fan_out=bool(self.transposed),
         )
 

@@ -40,7 +40,7 @@ from mergelab.io.adapter import (
     lora_delta,
     lora_tensor_names,
 )
-from mergelab.lora.adapted import check_recorded_base, open_model, tensors_with_head, tied_head
+from mergelab.lora.adapted import check_recorded_base, open_model, recorded_base, tensors_with_head, tied_head
 from mergelab.lora.config import (
     CAT,
     LoraMergeConfig,
@@ -331,7 +331,7 @@ class LoraMergePlan:
         ranks = {module.name: int(module.rank or 0) for module in self.modules}
         names = [a.base_model_name_or_path for a in self.adapters]
         same_base = len({base_identity(name) if name else None for name in names}) == 1
-        base_name = self.config.base_model or (names[0] if same_base else None)
+        base_name = recorded_base(self.config.base_model) if self.config.base_model else (names[0] if same_base else None)
         return adapter_config(
             ranks=ranks,
             target_modules=self.target_modules,

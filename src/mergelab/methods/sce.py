@@ -58,7 +58,7 @@ def energy_weights(energy: torch.Tensor) -> torch.Tensor:
     "select threshold are broken by lowest index",
 )
 def sce(tensors, base, *, select_topk=1.0, int8_mask=False):
-    """θ = θ_base + Σ_i m_i w_i δ_i / max(Σ_i m_i w_i, 1e-6): select, calculate, erase.
+    """θ = θ_base + Σ_i m_i w_i δ_i / max(Σ_i m_i w_i, 1e-6), w_i computed from δ (no weight parameter).
 
     select: δ_i ← δ_i ⊙ [var_i(δ) among the top select_topk of non-zero variances];
     calculate: w_i = mean(δ_i²)/Σ_j mean(δ_j²); erase: m_i = [sign(δ_i) = sign(Σ_j δ_j)] (0 counts as +).

