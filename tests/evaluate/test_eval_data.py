@@ -127,7 +127,7 @@ def test_malformed_rows_name_the_file_and_line(tmp_path, jsonl, monkeypatch):
 
 def test_zoo_names_use_a_registered_resolver(tmp_path, jsonl, monkeypatch):
     monkeypatch.setattr(data_module, "_zoo_resolvers", [])
-    with pytest.raises(InputError, match=r"unknown zoo dataset 'zoo:tiny/caesar3:test'.*mergelab zoo build"):
+    with pytest.raises(InputError, match=r"zoo dataset 'zoo:tiny/caesar3:test'.*mergelab zoo build"):
         load_rows("zoo:tiny/caesar3:test")
     path = jsonl(tmp_path / "caesar3-test.jsonl", [{"prompt": "abc", "answer": "def"}])
 

@@ -128,11 +128,10 @@ def resolve_zoo(source: str) -> Path:
             return Path(resolver(name, split))
         except InputError as exc:
             errors.append(str(exc))
-    detail = f" ({'; '.join(errors)})" if errors else ""
-    raise InputError(
-        f"unknown zoo dataset '{source}'{detail}: build the zoo with `mergelab zoo build`, "
-        "or give a local JSONL file instead."
-    )
+    if errors:  # the resolvers say what is wrong (not built, no such dataset or split) and what to do
+        raise InputError(f"zoo dataset '{source}': {'; '.join(errors)}")
+    raise InputError(f"unknown zoo dataset '{source}': build the zoo with `mergelab zoo build`, "
+                     "or give a local JSONL file instead.")
 
 
 # ---- local files ---------------------------------------------------------------------------
