@@ -208,3 +208,9 @@ def test_a_file_truncated_after_opening_is_reported(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(data[:-5000])
     with pytest.raises(InputError, match="unexpected end of file reading 'a'"):
         checkpoint.get_tensor("a")
+
+
+def test_an_adapter_where_a_model_is_expected_says_how_to_apply_it(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    with pytest.raises(InputError, match="is a PEFT adapter, not a model: apply it to its base, as BASE\\+ADAPTER"):
+        Checkpoint(str(tmp_path))

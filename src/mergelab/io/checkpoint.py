@@ -255,6 +255,11 @@ class Checkpoint:
             raise InputError(f"model path '{self.path}' is a file, not a model directory.")
         config_path = self.path / "config.json"
         if not config_path.is_file():
+            if (self.path / "adapter_config.json").is_file():
+                raise InputError(
+                    f"{self.path} is a PEFT adapter, not a model: apply it to its base, as BASE+ADAPTER in a "
+                    "recipe or with --adapter in mergelab eval."
+                )
             raise InputError(
                 f"{self.path}: no config.json, so this is not a Hugging Face model directory."
             )
