@@ -157,7 +157,7 @@ def bake_cases(loras, broken) -> dict[str, tuple[list[str], str]]:
         "missing adapter": ([base, broken["missing"]], "does-not-exist' does not exist"),
         "pickled adapter": ([base, broken["pickled"]], "refuses to load because unpickling"),
         "rank 0 in the adapter": ([base, broken["rank_zero"]], "a LoRA rank must be at least 1"),
-        "weights do not match adapters": ([base, plain, "--weights", "1,2"], "--weights gives 2 values for 1 adapters"),
+        "weights do not match adapters": ([base, plain, "--weights", "1,2"], "--weights gives 2 values for 1 adapter;"),
         "no adapter": ([base], "give BASE, at least one ADAPTER and OUT_DIR"),
         "one adapter twice": ([base, plain, plain], "is given twice"),
     }

@@ -167,5 +167,7 @@ def parse_weights(values: Optional[Sequence[str]], count: int, what: str = "adap
             except ValueError:
                 raise ConfigError(f"--weights: '{item}' is not a number.") from None
     if len(weights) != count:
-        raise ConfigError(f"--weights gives {len(weights)} values for {count} {what}; give one per {what[:-1]}.")
+        given = f"{len(weights)} value" + ("" if len(weights) == 1 else "s")
+        raise ConfigError(f"--weights gives {given} for {count} {what if count != 1 else what[:-1]}; "
+                          f"give one per {what[:-1]}.")
     return weights

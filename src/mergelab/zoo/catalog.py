@@ -116,7 +116,7 @@ def describe(size: str) -> str:
     directory, manifest = load_manifest(size)
     evaluations = manifest["evaluations"]
     lines = [f"zoo '{size}' at {directory} (built {manifest['created']}, {manifest['build_seconds']} s)", "",
-             f"{'name':<28} {'kind':<8} {'parameters':>10}  measured on its own data"]
+             f"{'name':<{len(f'zoo:{size}/') + 24}} {'kind':<8} {'parameters':>10}  measured on its own data"]
     for name, entry in manifest["artifacts"].items():
         own = entry.get("trained_on")
         scores = evaluations.get(name, {})
