@@ -264,7 +264,7 @@ def eval_command(
     model: Optional[str] = typer.Argument(None, help="Model directory (or org/name on the Hub); omit with --samples or --compare."),
     task: list[str] = typer.Option(
         [], "--task", "-t",
-        help="Task spec, repeatable: NAME, NAME:DATA or NAME:key=value,... Tasks: perplexity, choice, humaneval, "
+        help="Task spec, repeatable: NAME, NAME:DATA, NAME:DATA,key=value,... or NAME:key=value,... Tasks: perplexity, choice, humaneval, "
              "refusal, generate, judge (aliases: mmlu, beavertails). E.g. choice:data=mmlu.jsonl,dev=dev.jsonl",
     ),
     adapter: list[Path] = typer.Option([], "--adapter", help="PEFT adapter directory, repeatable; merged into the weights in order."),

@@ -79,8 +79,7 @@ def _record_base(root: Path, destination: Path, artifacts: dict[str, dict[str, A
             config_file = root / entry["path"] / "adapter_config.json"
             config = json.loads(config_file.read_text())
             config["base_model_name_or_path"] = str(destination / "models/base")
-            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "
-")
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def write_datasets(root: Path, recipe: Recipe) -> dict[str, Any]:
