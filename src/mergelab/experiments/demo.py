@@ -217,8 +217,9 @@ def report(results: dict[str, Any]) -> str:
         "",
         f"- Each expert on its own skill: mean exact match {expert_mean:.2f} "
         f"(from {min(experts.values()):.2f} to {max(experts.values()):.2f}); the base: mean {average('base'):.2f}.",
-        f"- Best merge by mean exact match: `{best}` at {average(best):.2f}"
-        + (f", i.e. {average(best) / expert_mean:.0%} of the experts' mean on their own skills." if expert_mean else "."),
+        (f"- Best merge by mean exact match: `{best}` at {average(best):.2f}"
+         + (f", i.e. {average(best) / expert_mean:.0%} of the experts' mean on their own skills." if expert_mean else ".")
+         if average(best) > 0 else "- No merge gets any answer exactly right (see edit similarity for partial credit)."),
     ]
     for model in merged:
         kept = [skill for skill in skills if value(model, skill) >= 0.5 * experts[skill]]
