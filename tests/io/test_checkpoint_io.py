@@ -214,3 +214,9 @@ def test_an_adapter_where_a_model_is_expected_says_how_to_apply_it(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
     with pytest.raises(InputError, match="is a PEFT adapter, not a model: apply it to its base, as BASE\\+ADAPTER"):
         Checkpoint(str(tmp_path))
+
+
+def test_a_missing_relative_path_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match=f"'models/base' does not exist \\(looked for {re.escape(str(tmp_path))}/models/base"):
+        Checkpoint("models/base")

@@ -225,7 +225,8 @@ def resolve_model_dir(reference: str) -> Path:
     if path.exists():
         return path
     if not looks_like_hub_name(reference):
-        raise InputError(f"model path '{reference}' does not exist; check the path.")
+        where = "" if path.is_absolute() else f" (looked for {path.resolve()}: relative paths start from the working directory)"
+        raise InputError(f"model path '{reference}' does not exist{where}; check the path.")
     try:
         from huggingface_hub import snapshot_download
 
