@@ -218,5 +218,5 @@ def test_an_adapter_where_a_model_is_expected_says_how_to_apply_it(tmp_path):
 
 def test_a_missing_relative_path_says_where_it_was_looked_for(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(InputError, match=f"'models/base' does not exist \\(looked for {re.escape(str(tmp_path))}/models/base"):
-        Checkpoint("models/base")
+    with pytest.raises(InputError, match=f"'runs/models/base' does not exist \\(looked for {re.escape(str(tmp_path))}/runs"):
+        Checkpoint("runs/models/base")
