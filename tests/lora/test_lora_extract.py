@@ -92,3 +92,12 @@ def test_extracted_adapter_records_its_base_so_that_auto_peft_loads_it(loras, fi
     assert config["base_model_name_or_path"] == str(loras.base.resolve())
     monkeypatch.chdir(tmp_path)
     AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "extracted"))
+
+
+def test_extracting_a_model_from_itself_says_the_adapter_is_empty(loras, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="mergelab"):
+        result = run_extract(str(loras.base), str(loras.base), tmp_path / "self", rank=2, options=QUIET)
+    assert "every extracted LoRA module is zero" in caplog.text
+    assert result.report["overall_relative_error"] == 0.0

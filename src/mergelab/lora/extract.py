@@ -288,6 +288,9 @@ def run_extract(base_reference: str, finetuned_reference: str, out_dir: str | Pa
                            progress=options.progress, description="extracting")
         seconds += stats.seconds
         keys = {module: lora_tensor_names(module, embedding=False)[0] for module in plan.modules}
+        if all(stats.metrics.get(key, {}).get("total_energy", 1.0) == 0 for key in keys.values()):
+            log.warning("'%s' has the same linear weights as '%s': every extracted LoRA module is zero (the adapter "
+                        "holds only the full copies)", finetuned_reference, base_reference)
         report = reconstruction_report(
             {m: int(r or 0) for m, r in plan.ranks.items()}, stats.metrics, keys, plan.warn_above,
             extra={"command": "extract", "base": base_reference, "finetuned": finetuned_reference,
