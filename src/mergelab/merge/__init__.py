@@ -92,7 +92,8 @@ def describe_plan(plan: MergePlan, prefetch: int = 2) -> str:
         "inputs:",
     ]
     for reference, checkpoint in plan.checkpoints.items():
-        lines.append(f"  {reference}: {checkpoint.path} ({len(checkpoint.tensors)} tensors)")
+        where = "" if str(checkpoint.path) == reference else f": {checkpoint.path}"
+        lines.append(f"  {reference}{where} ({len(checkpoint.tensors)} tensors)")
     total = sum(task.out_bytes for task in plan.tasks)
     lines.append(f"output: {len(plan.tasks)} tensors, {total / 1e6:.1f} MB")
     if plan.seed is not None:
