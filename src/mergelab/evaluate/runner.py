@@ -53,6 +53,7 @@ mps), since kernels differ between devices and so can greedy choices.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import inspect
 import logging
@@ -123,6 +124,13 @@ class GenerationRequest:
         if self.prefill:  # absent when empty, so answers cached before prefills existed keep their keys
             payload["prefill"] = self.prefill
         return payload
+
+
+@functools.lru_cache(maxsize=None)
+def _library_versions() -> str:
+    import importlib.metadata
+
+    return ",".join(f"{name}={importlib.metadata.version(name)}" for name in ("torch", "transformers", "tokenizers"))
 
 
 @dataclass
@@ -226,8 +234,9 @@ class Runner:
     # ---- cache plumbing -----------------------------------------------------------------------
     @property
     def cache_identity(self) -> str:
-        """What cached answers are keyed by besides the request: the model's fingerprint and the device type."""
-        return f"{self.fingerprint}|device={self.device_type}"
+        """What cached answers are keyed by besides the request: the model's fingerprint, the device type and
+        the versions of the libraries that compute them (an upgrade may change numerics or tokenisation)."""
+        return f"{self.fingerprint}|device={self.device_type}|{_library_versions()}"
 
     def _lookup(self, kind: str, payloads: list[Any]) -> tuple[list[str], dict[str, Any]]:
         keys = [request_key(self.cache_identity, kind, payload) for payload in payloads]
