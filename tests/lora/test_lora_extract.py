@@ -101,3 +101,11 @@ def test_extracting_a_model_from_itself_says_the_adapter_is_empty(loras, tmp_pat
         result = run_extract(str(loras.base), str(loras.base), tmp_path / "self", rank=2, options=QUIET)
     assert "every extracted LoRA module is zero" in caplog.text
     assert result.report["overall_relative_error"] == 0.0
+
+
+def test_a_rank_as_large_as_the_update_is_said(loras, finetune, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="mergelab"):
+        run_extract(str(loras.base), str(finetune), tmp_path / "wide", rank=1000, options=QUIET)
+    assert "--rank 1000: for" in caplog.text and "as many numbers as the full update" in caplog.text

@@ -226,6 +226,11 @@ def plan_extract(base_reference: str, finetuned_reference: str, *, rank: Optiona
         full = [entry for entry in full if entry[0] != tied.head] + [(tied.embed, f"{PEFT_PREFIX}{tied.head}")]
         saved_modules.add(tied.head.rsplit(".", 1)[0].rsplit(".", 1)[-1])
     ranks: dict[str, Optional[int]] = {m: (min(rank, min(shape)) if rank else None) for m, shape in modules.items()}
+    larger = [m for m, (rows, cols) in modules.items() if rank and ranks[m] * (rows + cols) >= rows * cols]
+    if larger:
+        log.warning("--rank %d: for %d of %d modules (e.g. '%s') the factors hold as many numbers as the full "
+                    "update or more; a smaller rank (or --energy) gives a smaller adapter", rank, len(larger),
+                    len(modules), larger[0])
     return ExtractPlan(
         base=base, finetuned=finetuned, base_reference=base_reference, rank=rank, energy=energy,
         out_dtype=out_dtype, modules=modules, ranks=ranks, full=full,
