@@ -212,7 +212,7 @@ def test_a_file_truncated_after_opening_is_reported(tmp_path):
 
 def test_an_adapter_where_a_model_is_expected_says_how_to_apply_it(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
-    with pytest.raises(InputError, match="is a PEFT adapter, not a model: apply it to its base, as BASE\\+ADAPTER"):
+    with pytest.raises(InputError, match="is a PEFT adapter, not a model: give its base model here, or apply the adapter to it \\(BASE\\+ADAPTER"):
         Checkpoint(str(tmp_path))
 
 

@@ -145,3 +145,20 @@ def test_eval_with_an_adapter_on_a_tied_base_scores_the_baked_model(tied, tmp_pa
     baked = run_bake(str(base), [adapters[name]], tmp_path / "baked", options=QUIET).out_dir
     with torch.no_grad():
         torch.testing.assert_close(model(TOKENS).logits, causal_lm(baked)(TOKENS).logits, rtol=0, atol=1e-5)
+
+
+def test_eval_applies_a_frozen_copy_to_both_tied_roles_as_peft_does(tied, tmp_path):
+    from safetensors.torch import save_file
+
+    from mergelab.evaluate import load_model
+
+    base, adapters = tied
+    adapter = tmp_path / "resaved"
+    shutil.copytree(adapters["embedding_lora"], adapter)
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    frozen = "base_model.model.model.embed_tokens.base_layer.weight"
+    tensors[frozen] = tensors[frozen] + 0.05 * torch.randn_like(tensors[frozen])
+    save_file(tensors, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    model, _ = load_model(base, adapters=[str(adapter)])
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS).logits, unmerged_logits(base, str(adapter)), rtol=0, atol=1e-5)

@@ -94,3 +94,17 @@ def test_tied_families_merge_without_a_head(family, family_set, tmp_path):
     names = set(load_model_tensors(out))
     assert not any("lm_head" in name for name in names)
     assert names == set(load_model_tensors(s.path("base")))
+
+
+def test_a_stored_head_rewritten_after_a_check_is_checked_again(llama, tmp_path):
+    from mergelab.arch import check_stored_head
+    from mergelab.errors import InputError
+    from mergelab.io import Checkpoint
+
+    path = stored_head_equal_to_embeddings(retie(llama.path("ft1"), tmp_path / "model", keep_head=True))
+    check_stored_head(Checkpoint(path))
+    tensors = load_file(f"{path}/model.safetensors")
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] + 1.0
+    save_file(tensors, f"{path}/model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError, match="also stores a different"):
+        check_stored_head(Checkpoint(path))

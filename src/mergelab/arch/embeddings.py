@@ -44,7 +44,7 @@ def ties_embeddings(config: Mapping[str, Any], tensor_names: Iterable[str]) -> b
     return bool(declared)
 
 
-_AGREEING: set[tuple[str, str, str]] = set()  # (model directory, embedding, head) found equal this process
+_AGREEING: set[tuple[Any, ...]] = set()  # models whose stored head was found equal to the embeddings, by file state
 
 
 def check_stored_head(checkpoint: Any) -> None:
@@ -56,13 +56,17 @@ def check_stored_head(checkpoint: Any) -> None:
     heads = [name for name in head_names(checkpoint.tensors) if name.endswith("weight")]
     if embed is None or not heads:
         return
-    key = (str(checkpoint.path), embed, heads[0])
+    infos = [checkpoint.info(embed), checkpoint.info(heads[0])]
+    files = sorted({info.file for info in infos})
+    state = tuple((file, (checkpoint.path / file).stat().st_mtime_ns, (checkpoint.path / file).stat().st_size)
+                  for file in files)
+    key = (str(checkpoint.path.resolve()), embed, heads[0], state)
     if key in _AGREEING:
         return
     import torch
 
-    embedding, head = checkpoint.get_tensor(embed), checkpoint.get_tensor(heads[0])
-    if embedding.shape != head.shape or not torch.equal(embedding, head):
+    same_layout = tuple(infos[0].shape) == tuple(infos[1].shape) and infos[0].dtype == infos[1].dtype
+    if not same_layout or not torch.equal(checkpoint.get_tensor(embed), checkpoint.get_tensor(heads[0])):
         raise InputError(
             f"model '{checkpoint.path}' ties its embeddings (tie_word_embeddings) but also stores a different "
             f"'{heads[0]}': transformers 4 would use '{embed}' as the head, transformers 5 the stored one. Set "

@@ -249,6 +249,15 @@ def _untie_for(model: Any, adapters: Sequence[Adapter]) -> None:
         return
     import torch
 
+    with torch.no_grad():  # a frozen base layer PEFT saved beside a LoRA on one role loads into the shared matrix
+        for adapter in touched:
+            saved_modules = {name.rsplit(".", 1)[0] for name, stored in adapter.full_tensors.items()
+                             if ".base_layer." not in stored}
+            for name, stored in adapter.full_tensors.items():
+                module = name.rsplit(".", 1)[0]
+                if ".base_layer." in stored and name.endswith("weight") and module in roles \
+                        and not (roles - {module}) & saved_modules:
+                    inputs.weight.copy_(adapter.get_tensor(stored).to(inputs.weight.dtype))
     outputs.weight = torch.nn.Parameter(inputs.weight.detach().clone())
     model.config.tie_word_embeddings = False
     log.warning("adapter '%s' changes the embeddings or the output head of a model that ties them; the head gets "

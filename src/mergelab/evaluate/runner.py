@@ -126,11 +126,22 @@ class GenerationRequest:
         return payload
 
 
+# Bumped when mergelab changes how an answer is computed, so answers cached before are not served.
+CACHE_FORMAT = 2
+
+
 @functools.lru_cache(maxsize=None)
 def _library_versions() -> str:
     import importlib.metadata
 
-    return ",".join(f"{name}={importlib.metadata.version(name)}" for name in ("torch", "transformers", "tokenizers"))
+    def version(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "unknown"
+
+    libraries = ",".join(f"{name}={version(name)}" for name in ("torch", "transformers", "tokenizers", "peft"))
+    return f"format={CACHE_FORMAT},{libraries}"
 
 
 @dataclass
@@ -234,8 +245,9 @@ class Runner:
     # ---- cache plumbing -----------------------------------------------------------------------
     @property
     def cache_identity(self) -> str:
-        """What cached answers are keyed by besides the request: the model's fingerprint, the device type and
-        the versions of the libraries that compute them (an upgrade may change numerics or tokenisation)."""
+        """What cached answers are keyed by besides the request: the model's fingerprint, the device type,
+        mergelab's answer format and the versions of the libraries that compute them (an upgrade may change
+        numerics, tokenisation or how adapters merge)."""
         return f"{self.fingerprint}|device={self.device_type}|{_library_versions()}"
 
     def _lookup(self, kind: str, payloads: list[Any]) -> tuple[list[str], dict[str, Any]]:

@@ -236,8 +236,9 @@ def resolve_model_dir(reference: str) -> Path:
         )
     except Exception as exc:
         raise InputError(
-            f"model '{reference}' is not a local directory and could not be fetched from the "
-            f"Hugging Face Hub ({type(exc).__name__}: {exc}). Download it first and give its local path."
+            f"model '{reference}' is not a local directory (no {path.resolve()}; relative paths start from the "
+            f"working directory) and could not be fetched from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
+            "Give the local path, or download the model first."
         ) from exc
     return Path(local)
 
@@ -258,8 +259,8 @@ class Checkpoint:
         if not config_path.is_file():
             if (self.path / "adapter_config.json").is_file():
                 raise InputError(
-                    f"{self.path} is a PEFT adapter, not a model: apply it to its base, as BASE+ADAPTER in a "
-                    "recipe or with --adapter in mergelab eval."
+                    f"{self.path} is a PEFT adapter, not a model: give its base model here, or apply the adapter "
+                    "to it (BASE+ADAPTER in a recipe, --adapter in mergelab eval)."
                 )
             raise InputError(
                 f"{self.path}: no config.json, so this is not a Hugging Face model directory."

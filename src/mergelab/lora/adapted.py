@@ -183,10 +183,14 @@ class AdaptedModel:
         empty = TensorUpdate(())
         embed, head = self.updates.get(tied.embed, empty), self.updates.get(tied.head, empty)
 
+        def frozen(term: Any) -> bool:
+            return term.kind == "full" and any(".base_layer." in name for name in term.tensors)
+
         def shared(update: TensorUpdate, other: TensorUpdate) -> tuple[Any, ...]:
+            if any(term.kind == "full" and not frozen(term) for term in other.terms):
+                return ()  # an adapter saves the other role itself (modules_to_save): that copy is what it holds
             owners = {term.source for term in other.terms if term.kind == "full"}
-            return tuple(term for term in update.terms if term.kind == "full" and term.source not in owners
-                         and any(".base_layer." in name for name in term.tensors))
+            return tuple(term for term in update.terms if frozen(term) and term.source not in owners)
 
         to_head, to_embed = shared(embed, head), shared(head, embed)
         if to_head:

@@ -6,8 +6,8 @@ hash covers the zoo's recipe and code and the library versions, so a changed rec
 never serves stale models, and an unchanged one is built once.
 
 Model names: ``base``, ``expert-<skill>``, ``adapter-<skill>``, ``safety``,
-``adapter-safety``. Dataset names (for ``mergelab eval``): ``<skill>``, ``safety``,
-``choice``, ``code``, each with splits (``zoo:tiny/caesar3:test``).
+``adapter-safety``. Dataset names (for ``mergelab eval``): ``<skill>`` (``code`` included),
+``base-corpus``, ``safety``, ``choice``, ``humaneval``, each with splits (``zoo:tiny/caesar3:test``).
 """
 
 from __future__ import annotations
