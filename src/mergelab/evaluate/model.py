@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
@@ -222,7 +223,9 @@ def load_model(reference: str | os.PathLike[str], adapters: Sequence[str | os.Pa
         from peft import PeftModel
 
         try:
-            model = PeftModel.from_pretrained(model, str(adapter.path)).merge_and_unload()
+            with warnings.catch_warnings():  # PEFT's use of a transformers attribute it deprecated: not ours
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                model = PeftModel.from_pretrained(model, str(adapter.path)).merge_and_unload()
         except Exception as exc:
             raise InputError(
                 f"{adapter.path}: the adapter does not fit the model {checkpoint.path} ({type(exc).__name__}: {exc})."
