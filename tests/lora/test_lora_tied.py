@@ -118,20 +118,26 @@ def test_lora_merge_of_saved_heads_on_a_tied_base_differs_from_its_embeddings(ti
     torch.testing.assert_close(ours, w + 0.5 * (first - w) + 0.25 * (second - w), rtol=0, atol=1e-6)
 
 
-def test_a_frozen_embedding_saved_beside_a_lora_is_the_heads_start_too(tied, tmp_path):
-    """PEFT loads embed_tokens.base_layer.weight into the matrix a tied base shares with its head."""
+def with_a_different_frozen_embedding(adapter: str, out) -> str:
+    """A copy of an embedding-LoRA adapter whose saved embed_tokens.base_layer.weight differs from the base's
+    (as for an adapter trained on another checkpoint of the family)."""
     from safetensors.torch import save_file
 
-    base, adapters = tied
-    adapter = tmp_path / "resaved"
-    shutil.copytree(adapters["embedding_lora"], adapter)
-    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    shutil.copytree(adapter, out)
+    tensors = load_file(str(out / "adapter_model.safetensors"))
     frozen = "base_model.model.model.embed_tokens.base_layer.weight"
-    tensors[frozen] = tensors[frozen] + 0.05 * torch.randn_like(tensors[frozen])  # rows that differ from the base's
-    save_file(tensors, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
-    baked = run_bake(str(base), [str(adapter)], tmp_path / "baked", options=QUIET).out_dir
+    tensors[frozen] = tensors[frozen] + 0.05 * torch.randn_like(tensors[frozen])
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return str(out)
+
+
+def test_a_frozen_embedding_saved_beside_a_lora_is_the_heads_start_too(tied, tmp_path):
+    """PEFT loads embed_tokens.base_layer.weight into the matrix a tied base shares with its head."""
+    base, adapters = tied
+    adapter = with_a_different_frozen_embedding(adapters["embedding_lora"], tmp_path / "resaved")
+    baked = run_bake(str(base), [adapter], tmp_path / "baked", options=QUIET).out_dir
     with torch.no_grad():
-        torch.testing.assert_close(causal_lm(baked)(TOKENS).logits, unmerged_logits(base, str(adapter)),
+        torch.testing.assert_close(causal_lm(baked)(TOKENS).logits, unmerged_logits(base, adapter),
                                    rtol=0, atol=1e-5)
 
 
@@ -148,17 +154,10 @@ def test_eval_with_an_adapter_on_a_tied_base_scores_the_baked_model(tied, tmp_pa
 
 
 def test_eval_applies_a_frozen_copy_to_both_tied_roles_as_peft_does(tied, tmp_path):
-    from safetensors.torch import save_file
-
     from mergelab.evaluate import load_model
 
     base, adapters = tied
-    adapter = tmp_path / "resaved"
-    shutil.copytree(adapters["embedding_lora"], adapter)
-    tensors = load_file(str(adapter / "adapter_model.safetensors"))
-    frozen = "base_model.model.model.embed_tokens.base_layer.weight"
-    tensors[frozen] = tensors[frozen] + 0.05 * torch.randn_like(tensors[frozen])
-    save_file(tensors, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
-    model, _ = load_model(base, adapters=[str(adapter)])
+    adapter = with_a_different_frozen_embedding(adapters["embedding_lora"], tmp_path / "resaved")
+    model, _ = load_model(base, adapters=[adapter])
     with torch.no_grad():
-        torch.testing.assert_close(model(TOKENS).logits, unmerged_logits(base, str(adapter)), rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(TOKENS).logits, unmerged_logits(base, adapter), rtol=0, atol=1e-5)
