@@ -258,10 +258,26 @@ def test_matches_mergekit(recipe, family, model_sets, tmp_path):
         for source in {e["model"] for e in config["models"]} | {config.get("base_model")} - {None}:
             inputs = load_model_tensors(source)
             assert any(not torch.equal(ours[n], inputs[n]) for n in inputs), (recipe, source)
+    if recipe == "arcee_fusion":
+        return compare_arcee_fusion(ours, theirs, config)
     for name in theirs:
         assert ours[name].dtype == theirs[name].dtype, name
         assert ours[name].shape == theirs[name].shape, name
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def compare_arcee_fusion(ours: dict, theirs: dict, config: dict) -> None:
+    """mergekit computes the per-row KL in float32, where rounding dominates it for rows close to the base; we
+    compute it in float64 (docs/methods.md). Both take each entry from the base or the fine-tune, and they
+    agree on all but the few entries near the threshold that float32's rounding moves across it."""
+    base, finetuned = load_model_tensors(config["base_model"]), load_model_tensors(config["models"][0]["model"])
+    differing = total = 0
+    for name in theirs:
+        assert ours[name].dtype == theirs[name].dtype and ours[name].shape == theirs[name].shape, name
+        assert bool(((ours[name] == base[name]) | (ours[name] == finetuned[name])).all()), name
+        differing += int((ours[name] != theirs[name]).sum())
+        total += ours[name].numel()
+    assert differing / total < 0.05, differing / total
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -12,10 +12,16 @@ KL_EPS = 1e-8
 
 
 def importance(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """s = |θ_1 − θ_base| · KL(softmax(θ_1) ‖ softmax(θ_base)), the KL taken per row (last dim)."""
-    p = torch.softmax(other, dim=-1) + KL_EPS
-    q = torch.softmax(base, dim=-1) + KL_EPS
-    divergence = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    """s = |θ_1 − θ_base| · KL(softmax(θ_1) ‖ softmax(θ_base)), the KL taken per row (last dim).
+
+    The KL is computed in float64 and then rounded to the scores' dtype. A fine-tune's rows
+    are close to the base's, so the KL of their softmaxes is a small difference of nearly
+    equal terms: in float32 (as mergekit computes it) rounding dominates it, and which
+    entries pass the threshold then depends on the order of the sums, i.e. on the device.
+    """
+    p = torch.softmax(other.double(), dim=-1) + KL_EPS
+    q = torch.softmax(base.double(), dim=-1) + KL_EPS
+    divergence = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True).to(other.dtype)
     return (other - base).abs() * divergence
 
 
@@ -33,7 +39,9 @@ def quantile_floor(values: torch.Tensor, q: float) -> torch.Tensor:
     paper="Arcee Fusion (Arcee AI, 2025) https://www.arcee.ai/blog/meet-mergekit-v0-1-arcee-fusion-expanded-model-support-multi-gpu-acceleration",
     differs_from_mergekit=(
         "quartiles are exact for every tensor (mergekit estimates them from a random sample of 10⁶ entries for "
-        "larger tensors, so its result is not reproducible there); half-precision inputs are computed in float32"
+        "larger tensors, so its result is not reproducible there); the per-row KL is computed in float64 (in float32 "
+        "rounding dominates it for rows close to the base, so a few percent of entries pass or fail the threshold "
+        "by chance, differently on CPU and GPU); half-precision inputs are computed in float32"
     ),
 )
 def arcee_fusion(tensors, base):
