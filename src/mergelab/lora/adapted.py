@@ -65,14 +65,24 @@ def tied_head(base: Checkpoint) -> Optional[Untied]:
     return Untied(embed, stored[0] if stored else DEFAULT_HEAD)
 
 
-def tensors_with_head(base: Checkpoint) -> dict[str, TensorInfo]:
-    """The base's tensors as adapters address them: a tied base's head is its embedding matrix
-    (PEFT's ``lm_head`` module of a tied model holds that matrix)."""
+def tensors_with_head(base: Checkpoint, tied: Optional[Untied]) -> dict[str, TensorInfo]:
+    """The base's tensors as adapters address them: a tied base's head (``tied``, from :func:`tied_head`)
+    is its embedding matrix (PEFT's ``lm_head`` module of a tied model holds that matrix)."""
     tensors = dict(base.tensors)
-    tied = tied_head(base)
     if tied is not None:
         tensors[tied.head] = replace(base.tensors[tied.embed], name=tied.head)
     return tensors
+
+
+def fit_to_base(adapters: Sequence[Adapter], base: Checkpoint, base_name: str) -> dict[str, TensorInfo]:
+    """Lay the adapters out like ``base`` (Conv1D modules), check each against it (recorded architecture,
+    modules and shapes) and return the base's tensors as the adapters address them."""
+    addressable = tensors_with_head(base, tied_head(base))
+    for adapter in adapters:
+        adapter.lay_out_like_base(lambda module: stores_transposed(module, base.config), base_name)
+        check_recorded_base(adapter, base)
+        adapter.check_base(addressable, base_name)
+    return addressable
 
 
 def recorded_base(reference: str) -> str:
@@ -145,24 +155,18 @@ class AdaptedModel:
         self.adapters = list(adapters)
         self.weights = weights
         self.reference = reference or "+".join([base.reference] + [a.reference for a in adapters])
-        for adapter in self.adapters:
-            adapter.lay_out_like_base(lambda module: stores_transposed(module, base.config), base.reference)
-        addressable = tensors_with_head(base)
-        for adapter in self.adapters:
-            check_recorded_base(adapter, base)
-            adapter.check_base(addressable, base.reference)
+        addressable = fit_to_base(self.adapters, base, base.reference)
         self.updates: dict[str, TensorUpdate] = plan_updates(self.adapters, weights)
-        self.untied = self._untie()
-        if self.untied is not None:
-            self._share_frozen_copies(self.untied)
+        self.untied = self._untie(tied_head(base))
         self._tensors = dict(base.tensors)
         self._config = dict(base.config)
         if self.untied is not None:
+            self._share_frozen_copies(self.untied)
             self._tensors[self.untied.head] = addressable[self.untied.head]
             self._config = _untied_config(base.config)
 
-    def _untie(self) -> Optional[Untied]:
-        tied = tied_head(self.base)
+    def _untie(self, tied: Optional[Untied]) -> Optional[Untied]:
+        """``tied`` when the adapters change its embeddings or head (the output is then untied), else None."""
         if tied is None:
             return None
         changed = [name for name in (tied.embed, tied.head) if name in self.updates]

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from mergelab.arch import layer_index, stores_transposed
+from mergelab.arch import layer_index
 from mergelab.config import resolve_tensor_params
 from mergelab.engine import CopyInput, TaskOutput, TensorRef, TensorTask
 from mergelab.errors import ConfigError, InputError
@@ -40,7 +40,7 @@ from mergelab.io.adapter import (
     lora_delta,
     lora_tensor_names,
 )
-from mergelab.lora.adapted import check_recorded_base, open_model, recorded_base, tensors_with_head, tied_head
+from mergelab.lora.adapted import fit_to_base, open_model, recorded_base, tied_head
 from mergelab.lora.config import (
     CAT,
     LoraMergeConfig,
@@ -370,12 +370,7 @@ class _Planner:
                     "(to give an adapter more weight, raise its weight instead)."
                 )
         if self.base is not None:
-            base = self.base
-            for adapter in self.adapters:
-                adapter.lay_out_like_base(lambda module: stores_transposed(module, base.config),
-                                          self.config.base_model or "")
-                check_recorded_base(adapter, base)
-                adapter.check_base(tensors_with_head(base), self.config.base_model or "")
+            fit_to_base(self.adapters, self.base, self.config.base_model or "")
         prefixes = [a.layer_prefixes() for a in self.adapters]
         for index, found in enumerate(prefixes[1:], start=1):
             if found and prefixes[0] and not found & prefixes[0]:

@@ -23,6 +23,7 @@ Decoding is greedy by default and stops at the first newline (``stop=\\n``) — 
 
 from __future__ import annotations
 
+import itertools
 import re
 import string
 from dataclasses import dataclass, field
@@ -153,8 +154,8 @@ class GenerateTask(Task):
     def prefix_for(self, prompt: str, references: list[str]) -> str:
         """The first k dev examples, never the item itself (as lm-eval, when dev is the evaluated source)."""
         delimiter = unescape(self.options.target_delimiter)
-        shots = [(p, refs) for p, refs, _ in self.dev if (p, refs) != (prompt, references)][: self.shots]
-        return "".join(f"{p}{delimiter}{refs[0]}\n\n" for p, refs in shots)
+        others = ((p, refs) for p, refs, _ in self.dev if (p, refs) != (prompt, references))
+        return "".join(f"{p}{delimiter}{refs[0]}\n\n" for p, refs in itertools.islice(others, self.shots))
 
     def _parse(self, row: Row) -> tuple[str, list[str], str]:
         prompt = _first_field(row, PROMPT_FIELDS, self.options.prompt_field, "prompt")
