@@ -23,10 +23,8 @@ def linear(tensors, *, weight, normalize=True):
     """θ = Σ_i w_i θ_i  (÷ Σ_i w_i if normalize); computed in float32 (float64 inputs stay float64)."""
     first = tensors[0]
     dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-    result = combine(tensors, weight, dtype)  # chunk by chunk: w_1 θ_1, then + w_i θ_i in turn
-    if normalize:
-        result.div_(sum(weight))
-    return result.to(first.dtype)
+    # chunk by chunk: w_1 θ_1, then + w_i θ_i in turn, then ÷ Σ w_i
+    return combine(tensors, weight, dtype, divisor=sum(weight) if normalize else None).to(first.dtype)
 
 
 @merge_method(

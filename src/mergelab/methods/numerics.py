@@ -143,8 +143,14 @@ def row_blocks(rows: int, row_length: int) -> Iterator[slice]:
     return flat_chunks(rows, max(1, ROW_BLOCK_ELEMENTS // max(1, row_length)))
 
 
-def combine(tensors: Sequence[torch.Tensor], coefficients: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
-    """Σ_i c_i θ_i, computed chunk by chunk in ``dtype``; shaped like the inputs."""
+def combine(
+    tensors: Sequence[torch.Tensor], coefficients: Sequence[float], dtype: torch.dtype, divisor: float | None = None
+) -> torch.Tensor:
+    """Σ_i c_i θ_i (÷ ``divisor`` if given), computed chunk by chunk in ``dtype``; shaped like the inputs.
+
+    The division runs on each chunk while it is in cache (no second pass over the output),
+    and rounds exactly as dividing the whole sum afterwards would.
+    """
     shape = tensors[0].shape
     terms = [(tensor.reshape(-1), float(c)) for tensor, c in zip(tensors, coefficients) if c != 0]
     out = torch.empty(tensors[0].numel(), dtype=dtype, device=tensors[0].device)
@@ -156,4 +162,6 @@ def combine(tensors: Sequence[torch.Tensor], coefficients: Sequence[float], dtyp
         torch.mul(first[part].to(dtype), scale, out=target)
         for flat, coefficient in rest:
             target.add_(flat[part].to(dtype), alpha=coefficient)
+        if divisor is not None:
+            target.div_(divisor)
     return out.view(shape)

@@ -170,9 +170,14 @@ def combine_task_vectors(
     masks, factors = keep_masks(tensors, base, keep_mask, rescale) if keep_mask else (None, None)
     base_flat = base.reshape(-1)
     out = torch.empty_like(base_flat)
+    # Without consensus, w_i, 1/Σw and λ fold into one coefficient per task vector, and
+    # mix = Σ_i c_i δ_i accumulates in the output chunk itself (fewer passes than scaling
+    # each δ_i, then summing the stack; equal to mergekit's order up to rounding).
     divisor_all = sum(weight)
+    scale = lambda_ / divisor_all if normalize and abs(divisor_all) >= 1e-8 else lambda_
+    coefficients = [value * scale for value in weight]
     for part, chunk in task_vector_chunks(tensors, base, tensors[0].dtype):
-        for index, (delta, value) in enumerate(zip(chunk, weight)):
+        for index, delta in enumerate(chunk):
             if masks is not None:
                 apply_keep_(delta, masks[index], part)
                 factor = factors[index]
@@ -180,17 +185,19 @@ def combine_task_vectors(
                     delta.mul_(factor[part] if factor.dim() else factor)
                 elif factor != 1.0:
                     delta.mul_(factor)
-            if value != 1.0:
-                delta.mul_(value)
+            if consensus and weight[index] != 1.0:
+                delta.mul_(weight[index])
+        target = out[part]
         if consensus:
             mixed = disjoint_merge_(chunk, weight, majority_sign(chunk), normalize)
-        else:
-            mixed = chunk.sum(dim=0)
-            if normalize and abs(divisor_all) >= 1e-8:
-                mixed /= divisor_all
-        if lambda_ != 1:
-            mixed *= lambda_
-        torch.add(base_flat[part], mixed, out=out[part])
+            if lambda_ != 1:
+                mixed *= lambda_
+            torch.add(base_flat[part], mixed, out=target)
+            continue
+        torch.mul(chunk[0], coefficients[0], out=target)
+        for delta, coefficient in zip(chunk[1:], coefficients[1:]):
+            target.add_(delta, alpha=coefficient)
+        target.add_(base_flat[part])
     return out.view(base.shape)
 
 
