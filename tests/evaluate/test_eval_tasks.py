@@ -154,6 +154,9 @@ def test_adapters_saving_the_same_full_module_are_ambiguous(tiny_dir, tmp_path, 
         evaluate_directory(str(tiny_dir), [spec], adapters=[str(first), str(second)], cache=False, limit=2)
     with pytest.raises(InputError, match="ambiguous"):
         load_model(tiny_dir, [first, second])
+    # The same adapter twice (here by two spellings of its path) would be merged in twice: refused.
+    with pytest.raises(InputError, match=r"adapter '.*first/\.' is given twice \(as '.*first' too\)"):
+        evaluate_directory(str(tiny_dir), [spec], adapters=[str(first), f"{first}/."], cache=False, limit=2)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2}')

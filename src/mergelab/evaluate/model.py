@@ -67,10 +67,18 @@ def _file_digest(path: Path, cache: Optional["ResultCache"]) -> str:
 
 
 def open_adapters(references: Sequence[str | os.PathLike[str]]) -> list[Adapter]:
-    """Open and validate PEFT adapter directories; refuse two that save a full copy of the same module."""
+    """Open and validate PEFT adapter directories; refuse one given twice, or two that save a full
+    copy of the same module."""
     adapters = [Adapter(str(reference)) for reference in references]
     owners: dict[str, Adapter] = {}
+    seen: dict[Path, Adapter] = {}
     for adapter in adapters:
+        first = seen.setdefault(adapter.path.resolve(), adapter)
+        if first is not adapter:
+            raise InputError(
+                f"adapter '{adapter.reference}' is given twice (as '{first.reference}' too); each --adapter is "
+                "merged in once, so give it once (to scale an adapter, bake it with `mergelab lora bake --weights`)."
+            )
         for tensor in sorted(adapter.full_tensors):
             if tensor in owners:
                 module = tensor.rsplit(".", 1)[0]
