@@ -104,7 +104,7 @@ def cases(llama, broken) -> dict[str, tuple[dict, str]]:
         ),
         "no base for ties": ({"models": weighted, "merge_method": "ties"}, "needs a base_model"),
         "misspelled field": ({"models": [{"model": ft1, "paramters": {"weight": 1}}], "merge_method": "linear"},
-                             "models.0.paramters: unknown field"),
+                             "models[0].paramters: unknown field"),
         "layer range too long": (
             {"slices": [{"sources": [{"model": ft1, "layer_range": [0, 9]}]}], "merge_method": "passthrough"},
             "has only 4 layers",

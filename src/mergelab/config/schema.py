@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -181,13 +181,25 @@ class MergeConfig(_Strict):
         return list(self.model_fields())
 
 
-def _format_validation_error(source: str, error: ValidationError) -> str:
+def field_path(location: Sequence[Union[str, int]]) -> str:
+    """A pydantic error location as the messages spell fields: ``slices[0].sources[1].model``."""
+    text = ""
+    for part in location:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def format_validation_error(
+    source: str, error: ValidationError,
+    unknown_field: str = "unknown field; check its spelling against the mergekit config format",
+) -> str:
+    """One line per pydantic error: ``FILE: slices[0].sources[1].model: what is wrong``."""
     lines = []
     for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        location = field_path(item["loc"]) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = "unknown field; check its spelling against the mergekit config format"
+            message = unknown_field
         lines.append(f"{source}: {location}: {message}")
     return "\n".join(lines)
 
@@ -198,7 +210,7 @@ def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
     try:
         config = MergeConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(source, exc)) from None
+        raise ConfigError(format_validation_error(source, exc)) from None
     _warn_ignored(config, source)
     return config
 

@@ -30,7 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mergelab.config import SettingScope, check_parameter_scopes
-from mergelab.config.schema import dtype_name
+from mergelab.config.schema import dtype_name, format_validation_error
 from mergelab.errors import ConfigError
 from mergelab.methods import MergeMethod, Param
 
@@ -131,15 +131,9 @@ def parse_lora_config(data: Any, source: str = "<config>") -> LoraMergeConfig:
     try:
         return LoraMergeConfig.model_validate(data)
     except ValidationError as exc:
-        lines = []
-        for item in exc.errors():
-            location = ".".join(str(part) for part in item["loc"]) or "(top level)"
-            message = item["msg"].removeprefix("Value error, ")
-            if item["type"] == "extra_forbidden":
-                message = (f"unknown field; a LoRA merge recipe takes {', '.join(LoraMergeConfig.model_fields)} "
-                           "(and adapter, parameters per adapter)")
-            lines.append(f"{source}: {location}: {message}")
-        raise ConfigError("\n".join(lines)) from None
+        unknown = (f"unknown field; a LoRA merge recipe takes {', '.join(LoraMergeConfig.model_fields)} "
+                   "(and adapter, parameters per adapter)")
+        raise ConfigError(format_validation_error(source, exc, unknown)) from None
 
 
 def load_lora_config(path: Union[str, Path]) -> tuple[LoraMergeConfig, str]:
