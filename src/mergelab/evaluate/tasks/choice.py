@@ -142,6 +142,12 @@ class ChoiceTask(Task):
                 )
             self.dev = [parse_question(row) for row in load_rows(dev_source, split=options.dev_split,
                                                                   hf_config=options.config).rows]
+        # Dev rows by subject, in order (a question without a subject draws from all of them).
+        self._dev_by_subject: dict[Optional[str], list[Question]] = {}
+        for row in self.dev:
+            if row.subject is not None:
+                self._dev_by_subject.setdefault(row.subject, []).append(row)
+        self._dev_by_subject[None] = self.dev
         self.mark_loaded(limit, num_fewshot, self.shots)
 
     @staticmethod
@@ -156,9 +162,13 @@ class ChoiceTask(Task):
     def _shots_for(self, question: Question) -> list[Question]:
         """The first k dev rows of the question's subject, never the question itself (as lm-eval, when the
         dev source is the evaluated one)."""
-        pool = [q for q in self.dev if q.subject == question.subject] if question.subject else list(self.dev)
-        pool = [q for q in pool if (q.question, q.choices, q.answer) != (question.question, question.choices,
-                                                                          question.answer)]
+        itself = (question.question, question.choices, question.answer)
+        pool = []
+        for row in self._dev_by_subject.get(question.subject, []):
+            if len(pool) == self.shots:
+                break
+            if (row.question, row.choices, row.answer) != itself:
+                pool.append(row)
         if len(pool) < self.shots:
             label = f"subject '{question.subject}'" if question.subject else "the dev set"
             raise InputError(f"{self.shots}-shot needs {self.shots} dev examples for {label}, found {len(pool)}.")
