@@ -127,6 +127,8 @@ def test_mt_bench_judge_task(tiny, tmp_path, jsonl, judge_server):
     assert task["metrics"]["score_turn1"]["value"] == 8.0
     assert task["metrics"]["score_turn2"]["value"] == 6.0
     assert task["metrics"]["score"]["value"] == pytest.approx((8 + 6 + 8) / 3)
+    assert task["metrics"]["score"]["n"] == 2  # rated questions: the interval resamples them, not their turns
+    assert task["breakdown"]["category"]["writing"]["score"]["value"] == 7.0  # 8 and 6; the unratable one counts 0 turns
     assert task["info"]["invalid"] == 1 and task["info"]["graded_turns"] == 4
     prompts = [r["body"]["messages"][-1]["content"] for r in judge_server.requests]
     assert any("[The Start of Reference Answer]\n4\n" in p for p in prompts)

@@ -8,8 +8,9 @@ set. The judge — an OpenAI-compatible endpoint given by ``--judge-url`` / ``--
 (key from the environment variable ``--judge-key-env``) — grades each turn from 1 to 10
 with MT-Bench's prompts (:data:`mergelab.evaluate.judges.MT_BENCH_PROMPTS`; turn 2 is
 graded in the context of the whole conversation, and reference answers are shown when
-present). Metrics: ``score`` over all graded turns, ``score_turn1``, ``score_turn2``; a
-per-category breakdown. Judgements without a parsable rating are left out and counted
+present). Metrics: ``score`` over all graded turns (its interval resamples whole
+questions, since a question's two turns are not independent; ``n`` counts questions),
+``score_turn1``, ``score_turn2``; a per-category breakdown. Judgements without a parsable rating are left out and counted
 in ``info.invalid``.
 """
 
@@ -21,7 +22,7 @@ from typing import Any, Optional
 from mergelab.errors import ConfigError, InputError
 from mergelab.evaluate.data import Row, load_rows
 from mergelab.evaluate.judges import cached_completions, grading_conversation, parse_rating
-from mergelab.evaluate.results import summarize_mean
+from mergelab.evaluate.results import summarize_mean, summarize_ratio
 from mergelab.evaluate.runner import GenerationParams, GenerationRequest
 from mergelab.evaluate.tasks.base import Context, Task, TaskResult, iter_limited, register_task
 
@@ -111,19 +112,25 @@ class JudgeTask(Task):
             items.append({"id": index, "question_id": question.question_id, "category": question.category,
                           "where": question.where, "input": list(question.turns), "output": answers[index],
                           "judgements": graded, "scores": scores})
-        all_ratings = [v for i in items for v in i["scores"].values()]
-        metrics = {"score": summarize_mean(all_ratings, context.seed)}
+        metrics = {"score": _mean_over_turns(items, context.seed)}
         for turn in (1, 2):
             values = [i["scores"][f"turn{turn}"] for i in items if f"turn{turn}" in i["scores"]]
             if values:  # item_score: the per-item rating it averages (results --compare pairs items by it)
                 metrics[f"score_turn{turn}"] = {**summarize_mean(values, context.seed), "item_score": f"turn{turn}"}
         categories = sorted({i["category"] for i in items})
         breakdown = {"category": {
-            category: {"score": summarize_mean([v for i in items if i["category"] == category
-                                                for v in i["scores"].values()], context.seed)}
+            category: {"score": _mean_over_turns([i for i in items if i["category"] == category], context.seed)}
             for category in categories
         }}
         invalid = sum(1 for i in items for g in i["judgements"] if g["rating"] is None)
         info = {"judge": client.identity(), "invalid": invalid, "graded_turns": len(slots),
                 "generation": {**params.__dict__, "stop": list(params.stop)}}
         return TaskResult(metrics, items, breakdown, info)
+
+
+def _mean_over_turns(items: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+    """The mean rating over every graded turn. Its interval resamples questions, not turns: the two
+    turns of a question share a conversation and are not independent; ``n`` counts the questions
+    with a rating."""
+    ratings = [list(item["scores"].values()) for item in items if item["scores"]]
+    return summarize_ratio([sum(r) for r in ratings], [len(r) for r in ratings], seed=seed)
