@@ -421,6 +421,8 @@ def main() -> None:
     # CPU is shared (2-core laptops, CI); sleeping costs little when it is not. It must be
     # set before torch loads OpenMP, and a user's own setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    global _finished
+    _finished = False
     try:
         app()
     except SystemExit as stop:
@@ -429,9 +431,14 @@ def main() -> None:
     else:
         if not _finished:
             return
+    if sys.gettrace() is not None or sys.getprofile() is not None:
+        return  # a profiler or coverage tool runs us: it writes its data at the normal exit
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be shown
+            pass
     os._exit(0)
 
 

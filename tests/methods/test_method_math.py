@@ -63,6 +63,17 @@ def test_half_precision_ties_of_one_model_gives_back_its_task_vector(dtype):
     assert ratio == pytest.approx(1.0, abs=2e-4)
 
 
+def test_half_precision_task_arithmetic_with_a_tiny_weight_sum_stays_finite():
+    """normalize with Σw = 1e-5: Σ w_i δ_i is divided afterwards, as mergekit does. Folded into the
+    weights (w_i / Σw ≈ 1e5) the coefficients would not even fit float16."""
+    base = torch.zeros(4, dtype=torch.float16)
+    a, b = torch.ones(4, dtype=torch.float16), torch.full((4,), 0.999, dtype=torch.float16)
+    out = get_method("task_arithmetic")([a, b], base=base, weight=[1.0, -0.99999], normalize=True)
+    exact = (1 - 0.99999 * b.double()) / (1 - 0.99999)  # ≈ 98.7; Σ w_i δ_i rounds to float16 first
+    assert torch.isfinite(out).all()
+    assert out.double().tolist() == pytest.approx(exact.tolist(), rel=2e-2)
+
+
 def test_ties_by_hand():
     base = torch.zeros(4)
     a = torch.tensor([1.0, -1.0, 0.2, 0.0])

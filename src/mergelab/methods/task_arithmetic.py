@@ -170,12 +170,11 @@ def combine_task_vectors(
     masks, factors = keep_masks(tensors, base, keep_mask, rescale) if keep_mask else (None, None)
     base_flat = base.reshape(-1)
     out = torch.empty_like(base_flat)
-    # Without consensus, w_i, 1/Σw and λ fold into one coefficient per task vector, and
-    # mix = Σ_i c_i δ_i accumulates in the output chunk itself (fewer passes than scaling
-    # each δ_i, then summing the stack; equal to mergekit's order up to rounding).
+    # Without consensus, mix = Σ_i w_i δ_i accumulates in the output chunk itself (fewer passes
+    # than scaling each δ_i, then summing the stack), then ÷ Σw and × λ as mergekit orders them
+    # (folded into the weights they could overflow half precision when Σw is tiny).
     divisor_all = sum(weight)
-    scale = lambda_ / divisor_all if normalize and abs(divisor_all) >= 1e-8 else lambda_
-    coefficients = [value * scale for value in weight]
+    divide = normalize and abs(divisor_all) >= 1e-8
     for part, chunk in task_vector_chunks(tensors, base, tensors[0].dtype):
         for index, delta in enumerate(chunk):
             if masks is not None:
@@ -194,9 +193,13 @@ def combine_task_vectors(
                 mixed *= lambda_
             torch.add(base_flat[part], mixed, out=target)
             continue
-        torch.mul(chunk[0], coefficients[0], out=target)
-        for delta, coefficient in zip(chunk[1:], coefficients[1:]):
-            target.add_(delta, alpha=coefficient)
+        torch.mul(chunk[0], weight[0], out=target)
+        for delta, value in zip(chunk[1:], weight[1:]):
+            target.add_(delta, alpha=value)
+        if divide:
+            target.div_(divisor_all)
+        if lambda_ != 1:
+            target.mul_(lambda_)
         target.add_(base_flat[part])
     return out.view(base.shape)
 
