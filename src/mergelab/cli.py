@@ -169,11 +169,12 @@ def lora_merge(
     error and warns about modules above `error_threshold`.
     """
     from mergelab.lora import merge as lora_merging
+    from mergelab.lora.output import dry_run as checked_plan
 
     options = _lora_options(device, threads, force, seed, progress)
     if dry_run:
-        plan, _ = _guard(lambda: lora_merging.load_and_plan(config, seed))
-        typer.echo(lora_merging.describe_lora_plan(plan))
+        typer.echo(_guard(lambda: checked_plan(out_dir, force, lambda: lora_merging.load_and_plan(config, seed)[0],
+                                               lora_merging.describe_lora_plan, inputs=[config])))
         return
     result = _guard(lambda: lora_merging.run_lora_merge(config, out_dir, options))
     typer.echo(f"merged {len(result.report['modules'])} LoRA modules in {result.seconds:.1f} s -> {result.out_dir}")
@@ -203,6 +204,7 @@ def lora_bake(
     """
     from mergelab.errors import ConfigError
     from mergelab.lora import bake as baking
+    from mergelab.lora.output import dry_run as checked_plan
     from mergelab.lora.output import parse_weights
 
     def prepare():
@@ -213,8 +215,8 @@ def lora_bake(
     base, adapters, adapter_weights = _guard(prepare)
     options = _lora_options(device, threads, force, None, progress, out_shard_size)
     if dry_run:
-        plan = _guard(lambda: baking.plan_bake(base, adapters, adapter_weights))
-        typer.echo(baking.describe_bake_plan(plan))
+        typer.echo(_guard(lambda: checked_plan(paths[-1], force, lambda: baking.plan_bake(base, adapters, adapter_weights),
+                                               baking.describe_bake_plan)))
         return
     result = _guard(lambda: baking.run_bake(base, adapters, paths[-1], adapter_weights, options))
     typer.echo(f"baked {len(adapters)} adapter(s) into {result.tensors} tensors in {result.seconds:.1f} s "
@@ -249,11 +251,13 @@ def lora_extract(
     mergekit-extract-lora does. Reports the relative reconstruction error per module.
     """
     from mergelab.lora import extract as extracting
+    from mergelab.lora.output import dry_run as checked_plan
 
     options = _lora_options(device, threads, force, None, progress)
     if dry_run:
-        plan = _guard(lambda: extracting.plan_extract(base, finetuned, rank=rank, energy=energy, out_dtype=out_dtype))
-        typer.echo(extracting.describe_extract_plan(plan))
+        plan_of = lambda: extracting.plan_extract(  # noqa: E731
+            base, finetuned, rank=rank, energy=energy, out_dtype=out_dtype, error_threshold=error_threshold)
+        typer.echo(_guard(lambda: checked_plan(out_dir, force, plan_of, extracting.describe_extract_plan)))
         return
     result = _guard(lambda: extracting.run_extract(base, finetuned, out_dir, rank=rank, energy=energy,
                                                    out_dtype=out_dtype, error_threshold=error_threshold,

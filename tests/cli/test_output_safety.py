@@ -68,6 +68,21 @@ def test_lora_commands_force_never_delete_an_input(work):
     assert_refused(result, recipe)
     assert snapshot(work) == before
 
+    # Their dry runs make the same checks, before printing a plan.
+    result = invoke("lora", "extract", str(models / "base"), str(models / "ft1"), str(models), "--rank", "2",
+                    "--force", "--dry-run")
+    assert_refused(result, models / "base")
+    result = invoke("lora", "bake", str(models / "base"), str(adapter), str(adapter), "--force", "--dry-run")
+    assert_refused(result, adapter)
+    result = invoke("lora", "merge", str(recipe), str(work / "adapters"), "--force", "--dry-run")
+    assert_refused(result, recipe)
+    for command in (["lora", "extract", str(models / "base"), str(models / "ft1"), str(adapter), "--rank", "2"],
+                    ["lora", "bake", str(models / "base"), str(adapter), str(adapter)],
+                    ["lora", "merge", str(recipe), str(adapter)]):
+        result = invoke(*command, "--dry-run")  # an existing output without --force
+        assert result.exit_code == 2 and "already exists" in result.output and "--force" in result.output, result.output
+    assert snapshot(work) == before
+
 
 def test_force_never_replaces_a_file(llama, tmp_path):
     recipe = tmp_path / "r.yml"

@@ -6,7 +6,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import mergelab
 from mergelab.engine import RunOptions
@@ -27,6 +27,19 @@ def adapter_source(index: int) -> str:
 
 
 LoraOptions = RunOptions  # how a lora command runs (out_shard_size: bake only; adapters are one file)
+
+
+def dry_run(out_dir: str | Path, force: bool, plan_of: Callable[[], Any], describe: Callable[[Any], str],
+            inputs: Sequence[str | Path] = ()) -> str:
+    """A lora command's ``--dry-run``: the checks its real run makes before any work — the output
+    (existing without ``--force``, a file, a place no directory can be made) before planning, then
+    that it holds none of the plan's inputs — and the plan as text. Writes nothing."""
+    from mergelab.io import OutputDirectory
+
+    output = OutputDirectory(out_dir, force=force, inputs=inputs)
+    plan = plan_of()
+    output.protect(source.path for source in plan.sources.values())
+    return describe(plan)
 
 
 @dataclass
