@@ -120,6 +120,16 @@ def test_adapters_are_merged_at_load_and_change_the_fingerprint(tiny_dir, tmp_pa
     assert scores(with_adapter) != pytest.approx(scores(plain), abs=1e-3)
     assert with_adapter["model"]["adapters"] == [str(adapter)]
     assert with_adapter["model"]["fingerprint"] != plain["model"]["fingerprint"]
+    # A model load_model adapted reports its adapters, and an identity that differs from the base's.
+    loaded, tokenizer = load_model(tiny_dir, [adapter])
+    in_memory = evaluate(loaded, tokenizer, [spec], limit=2)["model"]
+    assert in_memory["adapters"] == [str(adapter)] and in_memory["path"] == str(tiny_dir)
+    unadapted, _ = load_model(tiny_dir)
+    assert in_memory["fingerprint"] != evaluate(unadapted, tokenizer, [spec], limit=2)["model"]["fingerprint"]
+    from mergelab.io import LiveModelSink
+
+    LiveModelSink(loaded)  # other weights may now be written into it: it no longer claims the adapter
+    assert evaluate(loaded, tokenizer, [spec], limit=2)["model"]["adapters"] == []
     with pytest.raises(InputError, match="not a PEFT adapter directory"):
         evaluate_directory(str(tiny_dir), [spec], adapters=[str(tmp_path)], cache=False)
 

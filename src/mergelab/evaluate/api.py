@@ -16,6 +16,7 @@ per-request generators and bootstrap intervals their own seeded ones.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from datetime import datetime, timezone
@@ -25,6 +26,7 @@ from typing import Any, Optional, Sequence, Union
 from mergelab.errors import ConfigError
 from mergelab.evaluate.cache import ResultCache
 from mergelab.evaluate.model import ModelSource, fingerprint_module
+from mergelab.io.writer import LOADED_FROM
 from mergelab.evaluate.results import RESULTS_FORMAT, check_results_path, package_versions, write_results
 from mergelab.evaluate.runner import Runner, resolve_max_length
 from mergelab.evaluate.tasks import Context, JudgeSettings, Task, make_task
@@ -189,6 +191,12 @@ def evaluate(model: Any = None, tokenizer: Any = None, tasks: Sequence[TaskLike]
     info = dict(model_info or {})
     if model is not None:
         parameter = next(model.parameters())
+        loaded = getattr(model, LOADED_FROM, None)  # set by load_model: the directory and adapters it holds
+        if loaded:
+            info.setdefault("path", loaded["path"])
+            info.setdefault("adapters", loaded["adapters"])
+            if loaded["adapters"]:  # the same structure with other weights: the identity names the adapters too
+                identity = "sha256-index:" + hashlib.sha256(f"{identity}|{loaded['fingerprint']}".encode()).hexdigest()
         info.setdefault("name", getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__)
         info.update({"class": type(model).__name__, "fingerprint": identity,
                      "content_fingerprint": fingerprint if store is not None else None,

@@ -41,6 +41,7 @@ from mergelab.errors import ConfigError, InputError
 from mergelab.io import Checkpoint
 from mergelab.io.adapter import ADAPTER_CONFIG, Adapter
 from mergelab.io.checkpoint import TOKENIZER_FILES
+from mergelab.io.writer import LOADED_FROM
 
 if TYPE_CHECKING:
     from mergelab.evaluate.cache import ResultCache
@@ -240,6 +241,10 @@ def load_model(reference: str | os.PathLike[str], adapters: Sequence[str | os.Pa
             ) from exc
     model.to(device)
     model.eval()
+    # What evaluate() reports the model was loaded from: this directory with these adapters (their
+    # identity fingerprint as evaluate_directory computes it); dropped if other weights are written into it.
+    setattr(model, LOADED_FROM, {"path": str(reference), "adapters": [str(a) for a in adapters],
+                                 "fingerprint": fingerprint_directory(checkpoint.path, adapters, content=False)})
     return model, load_tokenizer(checkpoint.path)
 
 

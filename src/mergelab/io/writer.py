@@ -200,6 +200,11 @@ class ShardedWriter:
         self._fds = []
 
 
+# The attribute a model loaded from disk carries to say what it was loaded from (a directory,
+# adapters, their identity fingerprint); writing other weights into it drops the record.
+LOADED_FROM = "mergelab_loaded_from"
+
+
 class LiveModelSink:
     """Copies finished tensors into the parameters/buffers of an in-memory module."""
 
@@ -207,6 +212,7 @@ class LiveModelSink:
         self.module = module
         self._targets = dict(module.state_dict(keep_vars=True))
         self.written: set[str] = set()
+        module.__dict__.pop(LOADED_FROM, None)  # its weights will no longer be the ones it was loaded with
 
     def write(self, name: str, tensor: Any) -> None:
         import torch
