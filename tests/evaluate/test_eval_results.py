@@ -351,3 +351,20 @@ def test_compare_reports_differences_against_intervals(tiny_dir, choice_spec, tm
     assert same[0]["diff"] == 0 and same[0]["significant"] is False
     table = format_comparison(rows, "base.json", "variant.json")
     assert "acc_norm" in table and "significant" in table and "base.json" in table
+
+
+
+def test_a_task_made_from_a_spec_is_named_as_written(tiny, mmlu_files, tmp_path):
+    """evaluate() names results by the spec as the user wrote it, as `mergelab eval --task` does, so that
+    --compare pairs a results file written from Python with one written by the CLI."""
+    from mergelab.evaluate import make_task
+    from mergelab.evaluate.tasks import ChoiceTask
+
+    written = f"choice:style=text,data={mmlu_files['test']}"  # not the canonical order of the options
+    task = make_task(written)
+    assert task.spec == written
+    assert make_task(f"generate:data={tmp_path / 'x.jsonl'},chat=true").spec.endswith("chat=true")  # not chat=True
+    model, tokenizer = tiny
+    assert list(evaluate(model, tokenizer, [task], limit=2)["tasks"]) == [written]
+    canonical = ChoiceTask(data=str(mmlu_files["test"]), style="text").spec  # a task built in code
+    assert canonical == f"choice:data={mmlu_files['test']},style=text" and make_task(canonical).spec == canonical

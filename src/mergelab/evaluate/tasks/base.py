@@ -99,10 +99,13 @@ class Task:
         self.loaded = False
         self.loaded_with: Optional[dict[str, Optional[int]]] = None  # the limit / num_fewshot load() was given
         self.shots_used: Optional[int] = None  # few-shot examples per item, for tasks that take them
+        self.given_spec: Optional[str] = None
 
     @property
     def spec(self) -> str:
-        """A canonical spec string that rebuilds this task."""
+        """The spec string this task was made from (:func:`make_task`), else a canonical one; either rebuilds it."""
+        if self.given_spec is not None:
+            return self.given_spec
         changed = []
         for item in dataclasses.fields(self.options):
             value = getattr(self.options, item.name)
@@ -296,5 +299,9 @@ def make_task(spec: "str | Task", **overrides: Any) -> Task:
         alias_name, alias_values = ALIASES[name]
         name, values = alias_name, {**alias_values, **values}
     cls = task_class(name)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return cls(make_options(cls, values))
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values.update(given)
+    task = cls(make_options(cls, values))
+    if not given:
+        task.given_spec = spec  # named as the user wrote it, as `mergelab eval --task` names it in results
+    return task
