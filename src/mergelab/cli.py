@@ -303,14 +303,14 @@ def eval_command(
     from mergelab import evaluate as evaluation
 
     if compare is not None:
+        if model is not None or task or adapter or samples is not None or out is not None:
+            typer.secho("error: --compare A.json B.json compares two results files and evaluates nothing; "
+                        "give it without MODEL, --task, --adapter, --samples or --out.", err=True, fg=typer.colors.RED)
+            raise typer.Exit(2)
         first, second = compare
         rows = _guard(lambda: evaluation.compare_results(evaluation.read_results(first), evaluation.read_results(second)))
         typer.echo(evaluation.format_comparison(rows, str(first), str(second)))
         return
-    if model is None and samples is None:
-        typer.secho("error: give a MODEL directory (or --samples FILE with --task humaneval, or --compare A B).",
-                    err=True, fg=typer.colors.RED)
-        raise typer.Exit(2)
     judge = evaluation.JudgeSettings(url=judge_url, model=judge_model, key_env=judge_key_env)
     cache = False if no_cache else (cache_dir if cache_dir is not None else True)
 

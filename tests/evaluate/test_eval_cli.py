@@ -58,12 +58,23 @@ def test_scoring_given_humaneval_samples_without_a_model(tmp_path, jsonl):
     (tmp_path / "r.json").write_text("keep me")
     again = invoke("--task", "humaneval", "--samples", str(samples), "--limit", "1", "--out", str(tmp_path / "r.json"))
     assert again.exit_code == 2 and "already exists; pass --force" in again.output
+    # The samples as a task option work the same; a model is refused, since it would not be evaluated.
+    option = invoke("--task", f"humaneval:samples={samples}", "--limit", "1")
+    assert option.exit_code == 0 and "pass@1 = 1.0000" in option.output, option.output
+    with_model = invoke("some-model-dir", "--task", f"humaneval:samples={samples}", "--limit", "1")
+    assert with_model.exit_code == 2 and "the model would not be evaluated" in with_model.output, with_model.output
+    nothing = invoke("--task", "humaneval", "--limit", "1")  # generations need a model: said before any work
+    assert nothing.exit_code == 2 and "give a model directory" in nothing.output
     assert (tmp_path / "r.json").read_text() == "keep me"
     forced = invoke("--task", "humaneval", "--samples", str(samples), "--limit", "1", "--out", str(tmp_path / "r.json"),
                     "--force")
     assert forced.exit_code == 0, forced.output
     assert json.loads((tmp_path / "r.json").read_text())["format"] == "mergelab.eval/1"
 
+
+def test_compare_takes_two_results_files_and_nothing_else(tmp_path):
+    result = invoke("some-model-dir", "--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"))
+    assert result.exit_code == 2 and "evaluates nothing" in result.output
 
 def test_an_out_file_that_appears_during_the_run_is_not_replaced(tmp_path, jsonl, monkeypatch):
     from mergelab import evaluate as evaluation

@@ -92,6 +92,13 @@ def _used_settings(tasks: list[tuple[str, Task]]) -> dict[str, Any]:
     return used
 
 
+def check_model_used(model_given: bool, tasks: list[tuple[str, Task]]) -> None:
+    """Refuse a model that no task would evaluate (the results would name it all the same)."""
+    if model_given and tasks and not any(task.needs_model for _, task in tasks):
+        raise ConfigError("every task scores given completions (humaneval with samples), so the model would not be "
+                          "evaluated, yet the results would name it; leave the model out.")
+
+
 def run_tasks(runner: Optional[Runner], tasks: list[tuple[str, Task]], *, seed: int = 0,
               judge: Optional[JudgeSettings] = None, cache: Optional[ResultCache] = None,
               keep_items: bool = True) -> dict[str, Any]:
@@ -168,6 +175,8 @@ def evaluate(model: Any = None, tokenizer: Any = None, tasks: Sequence[TaskLike]
     store = ResultCache(cache) if isinstance(cache, (str, Path)) else cache
     runner = None
     identity = None
+    built = build_tasks(tasks, limit, num_fewshot)
+    check_model_used(model is not None, built)
     if model is not None:
         if tokenizer is None:
             raise ConfigError("evaluate(model, tokenizer, ...) needs the model's tokenizer too.")
@@ -179,7 +188,6 @@ def evaluate(model: Any = None, tokenizer: Any = None, tasks: Sequence[TaskLike]
         # tokenizer), and the runner adds the device type.
         runner = Runner(model, tokenizer, batch_size=batch_size, seed=seed, cache=store,
                         fingerprint=f"{fingerprint}|{identity}" if store is not None else None, max_length=max_length)
-    built = build_tasks(tasks, limit, num_fewshot)
     training = bool(getattr(model, "training", False))
     if model is not None:
         model.eval()  # no dropout while scoring; the caller's mode is restored afterwards
@@ -238,7 +246,13 @@ def evaluate_directory(reference: Optional[str], tasks: Sequence[TaskLike], *, a
     overrides = {"samples": samples} if samples else {}
     if samples and any(make_task(t).name != "humaneval" for t in tasks if isinstance(t, str)):
         raise ConfigError("--samples scores HumanEval completions; use it with --task humaneval only.")
+    if reference is None:  # before any data is loaded
+        for entry in tasks:
+            if (make_task(entry, **overrides) if isinstance(entry, str) else entry).needs_model:
+                raise ConfigError("give a model directory to evaluate (only --task humaneval --samples FILE runs "
+                                  "without one).")
     built = build_tasks(tasks, limit, num_fewshot, **overrides)
+    check_model_used(reference is not None, built)
     runner = None
     model_info: dict[str, Any] = {"path": None, "adapters": list(map(str, adapters))}
     if reference is not None:
@@ -256,8 +270,6 @@ def evaluate_directory(reference: Optional[str], tasks: Sequence[TaskLike], *, a
             runner_hook(runner)
         model_info = {"path": str(reference), "adapters": [str(a) for a in adapters], "fingerprint": source.identity,
                       "content_fingerprint": content, "dtype": dtype or "auto", "device": device}
-    elif any(task.needs_model for _, task in built):
-        raise ConfigError("give a model directory to evaluate (only --task humaneval --samples FILE runs without one).")
     task_results = run_tasks(runner, built, seed=seed, judge=judge, cache=store, keep_items=keep_items)
     if runner is not None:
         model_info["loaded"] = runner.stats.loaded_model
