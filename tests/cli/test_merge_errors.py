@@ -64,6 +64,14 @@ def cases(llama, broken) -> dict[str, tuple[dict, str]]:
             {"models": weighted, "merge_method": "average_of_vibes"},
             "unknown merge_method 'average_of_vibes'",
         ),
+        "misspelled method": (
+            {"models": weighted, "merge_method": "tie"},
+            "recipe.yml: unknown merge_method 'tie'. Did you mean 'ties'?",
+        ),
+        "a LoRA recipe": (
+            {"adapters": [{"adapter": ft1}], "merge_method": "linear"},
+            "this is a LoRA merge recipe (it lists adapters:, not models:); run it with `mergelab lora merge",
+        ),
         "unknown parameter": (
             ties([{"model": ft1, "parameters": {"weight": 1.0, "densty": 0.5}}], base),
             "parameters.densty: unknown parameter for merge_method ties",
@@ -147,7 +155,8 @@ def cases(llama, broken) -> dict[str, tuple[dict, str]]:
 
 
 CASE_NAMES = [
-    "unknown method", "unknown parameter", "missing required parameter", "density out of range",
+    "unknown method", "misspelled method", "a LoRA recipe", "unknown parameter", "missing required parameter",
+    "density out of range",
     "weight not a number", "model path missing", "not a model dir", "pickle weights", "missing tensor",
     "extra tensor", "non-finite output", "no base for ties", "misspelled field", "layer range too long",
     "overflow in out_dtype", "duplicate model", "duplicate model in a slice", "multislerp zero weights",

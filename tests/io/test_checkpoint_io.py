@@ -220,3 +220,17 @@ def test_a_missing_relative_path_says_where_it_was_looked_for(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     with pytest.raises(InputError, match=f"'runs/models/base' does not exist \\(looked for {re.escape(str(tmp_path))}/runs"):
         Checkpoint("runs/models/base")
+
+
+def test_a_missing_local_path_is_not_taken_for_a_hub_name(tmp_path, monkeypatch):
+    from mergelab.io.adapter import Adapter
+    from mergelab.io.checkpoint import looks_like_hub_name
+
+    monkeypatch.chdir(tmp_path)
+    for local in ("nomodel/", "./org/name", "~/name", "org/name/extra", "org/..", "a b/c"):
+        assert not looks_like_hub_name(local), local
+    assert looks_like_hub_name("meta-llama/Llama-3.1-8B") and looks_like_hub_name("Qwen/Qwen2.5-14B")
+    with pytest.raises(InputError, match="model path 'nomodel/' does not exist"):  # no Hub request, no HF error text
+        Checkpoint("nomodel/")
+    with pytest.raises(InputError, match="^adapter path 'nope/' does not exist"):
+        Adapter("nope/")

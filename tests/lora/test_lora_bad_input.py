@@ -70,6 +70,12 @@ def recipe(tmp_path: Path, adapters: list[str], **extra) -> str:
     return str(path)
 
 
+def model_recipe(tmp_path: Path, model: str) -> str:
+    path = tmp_path / "model-recipe.yml"
+    path.write_text(yaml.safe_dump({"models": [{"model": model}], "merge_method": "linear"}))
+    return str(path)
+
+
 def merge_cases(loras, broken, tmp_path) -> dict[str, tuple[list[str], str]]:
     plain = loras.path("plain")
     return {
@@ -93,7 +99,11 @@ def merge_cases(loras, broken, tmp_path) -> dict[str, tuple[list[str], str]]:
         "rank and energy": ([recipe(tmp_path, [plain], rank=4, energy=0.9)], "either rank or energy"),
         "energy out of range": ([recipe(tmp_path, [plain], energy=1.5)], "in (0, 1]"),
         "cat with a rank": ([recipe(tmp_path, [plain], merge_method="cat", rank=4)], "cat stacks the input ranks"),
-        "unknown method": ([recipe(tmp_path, [plain], merge_method="tiez")], "unknown merge_method 'tiez'"),
+        "unknown method": ([recipe(tmp_path, [plain], merge_method="tiez")],
+                           "unknown merge_method 'tiez'. Did you mean 'ties'?"),
+        "a model merge recipe": ([model_recipe(tmp_path, plain)],
+                                 "this is a model merge recipe (it lists models: or slices:, not adapters:); run it "
+                                 "with `mergelab merge"),
         "unknown parameter": ([recipe(tmp_path, [plain], parameters={"densty": 0.5})],
                               "parameters.densty: unknown parameter"),
         "unknown field": ([recipe(tmp_path, [plain], ranks=4)], "ranks: unknown field"),
@@ -119,7 +129,7 @@ def assert_refused(result, message: str, out: Path) -> None:
     "rank 0 in the adapter", "config rank does not fit the weights", "DoRA", "not LoRA", "missing adapter",
     "missing adapter_config.json", "missing adapter weights", "pickled adapter", "missing recipe",
     "rank and energy", "energy out of range", "cat with a rank", "unknown method", "unknown parameter",
-    "unknown field", "duplicate adapter",
+    "unknown field", "duplicate adapter", "a model merge recipe",
 ])
 def test_lora_merge_refuses(loras, broken, tmp_path, case):
     args, message = merge_cases(loras, broken, tmp_path)[case]

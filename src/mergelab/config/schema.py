@@ -207,6 +207,9 @@ def format_validation_error(
 def parse_config(data: Any, source: str = "<config>") -> MergeConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}.")
+    if "adapters" in data and not {"models", "slices"} & set(data):
+        raise ConfigError(f"{source}: this is a LoRA merge recipe (it lists adapters:, not models:); run it with "
+                          f"`mergelab lora merge {source} OUT_DIR`.")
     try:
         config = MergeConfig.model_validate(data)
     except ValidationError as exc:

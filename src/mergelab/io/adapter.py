@@ -216,10 +216,7 @@ class Adapter:
 
     def __init__(self, reference: str | os.PathLike[str]):
         self.reference = str(reference)
-        try:
-            self.path = resolve_model_dir(self.reference)
-        except InputError as exc:
-            raise InputError(f"adapter '{self.reference}': {exc}") from None
+        self.path = resolve_model_dir(self.reference, kind="adapter")
         if not self.path.is_dir():
             raise InputError(f"adapter '{self.reference}' is a file; give the adapter directory that holds {ADAPTER_CONFIG}.")
         config_path = self.path / ADAPTER_CONFIG

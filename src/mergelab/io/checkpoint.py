@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import sys
 import threading
 from dataclasses import dataclass
@@ -204,11 +205,15 @@ def _refuse_pickles(directory: Path) -> None:
 
 
 def looks_like_hub_name(reference: str) -> bool:
-    """``org/name`` (a Hugging Face Hub repository), as opposed to a local path."""
-    return reference.count("/") == 1 and not reference.startswith((".", "/", "~"))
+    """``org/name`` (a Hugging Face Hub repository: letters, digits, ``-``, ``_``, ``.``), as opposed to a
+    local path such as ``./model``, ``models/`` or ``~/m``."""
+    return _HUB_NAME.fullmatch(reference) is not None and ".." not in reference
 
 
-def resolve_model_dir(reference: str) -> Path:
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9_][\w.-]*")
+
+
+def resolve_model_dir(reference: str, kind: str = "model") -> Path:
     """Turn a model reference into a local directory.
 
     A local path is used as it is; ``zoo:SIZE/NAME`` names a model of the built-in zoo;
@@ -226,7 +231,7 @@ def resolve_model_dir(reference: str) -> Path:
         return path
     if not looks_like_hub_name(reference):
         where = "" if path.is_absolute() else f" (looked for {path.resolve()}: relative paths start from the working directory)"
-        raise InputError(f"model path '{reference}' does not exist{where}; check the path.")
+        raise InputError(f"{kind} path '{reference}' does not exist{where}; check the path.")
     try:
         from huggingface_hub import snapshot_download
 
@@ -236,9 +241,9 @@ def resolve_model_dir(reference: str) -> Path:
         )
     except Exception as exc:
         raise InputError(
-            f"model '{reference}' is not a local directory (no {path.resolve()}; relative paths start from the "
+            f"{kind} '{reference}' is not a local directory (no {path.resolve()}; relative paths start from the "
             f"working directory) and could not be fetched from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
-            "Give the local path, or download the model first."
+            f"Give the local path, or download the {kind} first."
         ) from exc
     return Path(local)
 

@@ -128,6 +128,9 @@ def default_error_threshold(energy: Optional[float]) -> float:
 def parse_lora_config(data: Any, source: str = "<config>") -> LoraMergeConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}.")
+    if "adapters" not in data and {"models", "slices"} & set(data):
+        raise ConfigError(f"{source}: this is a model merge recipe (it lists models: or slices:, not adapters:); run "
+                          f"it with `mergelab merge {source} OUT_DIR`, or list PEFT adapters under adapters:.")
     try:
         return LoraMergeConfig.model_validate(data)
     except ValidationError as exc:
@@ -164,7 +167,11 @@ def lora_method(config: LoraMergeConfig, source: str = "<config>") -> MergeMetho
     try:
         method = get_method(config.merge_method)
     except ConfigError:
-        raise ConfigError(f"{source}: unknown merge_method '{config.merge_method}'. For adapters use one of: "
+        import difflib
+
+        close = difflib.get_close_matches(str(config.merge_method), accepted.split(", "), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{source}: unknown merge_method '{config.merge_method}'.{hint} For adapters use one of: "
                           f"{accepted}.") from None
     if not method.task_vector:
         raise ConfigError(

@@ -111,7 +111,10 @@ class _Planner:
         self.source = source
         self.seed = seed
         self.allow_crimes = allow_crimes
-        self.method = get_method(config.merge_method)
+        try:
+            self.method = get_method(config.merge_method)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
         check_parameters(config, self.method, source)
         self.checkpoints = {}
         fields = dict(config.model_fields())

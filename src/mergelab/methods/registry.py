@@ -239,8 +239,12 @@ def get_method(name: str) -> MergeMethod:
     try:
         return REGISTRY[name]
     except KeyError:
+        import difflib
+
         known = ", ".join(sorted(REGISTRY))
-        raise ConfigError(f"unknown merge_method '{name}'. Known methods: {known}.") from None
+        close = difflib.get_close_matches(str(name), REGISTRY, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown merge_method '{name}'.{hint} Known methods: {known}.") from None
 
 
 def all_methods() -> list[MergeMethod]:
