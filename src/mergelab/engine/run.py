@@ -78,8 +78,8 @@ def resolve_device(device: str) -> Any:
         raise InputError(f"--device {device} was requested but CUDA is not available on this machine; use --device cpu.")
     try:
         target = torch.device(device)
-    except RuntimeError as exc:
-        raise InputError(f"unknown device '{device}' ({exc}); use cpu or cuda.") from None
+    except RuntimeError:
+        raise InputError(f"unknown device '{device}'; mergelab computes on cpu or cuda (cuda:N).") from None
     if target.type not in ("cpu", "cuda"):
         raise InputError(f"--device {device}: mergelab computes on cpu or cuda (cuda:N); use one of those.")
     if target.type == "cuda" and target.index is not None and target.index >= torch.cuda.device_count():
