@@ -100,8 +100,16 @@ def test_k_shot_examples_are_the_first_dev_rows_of_the_same_subject(two_subjects
 def test_too_few_dev_rows_for_a_subject_is_an_error_naming_it(two_subjects):
     from mergelab.errors import InputError
 
-    with pytest.raises(InputError, match="4-shot needs 4 dev examples for subject 'anatomy', found 3"):
+    with pytest.raises(InputError, match=r"dev\.jsonl: 4-shot needs 4 dev examples for subject 'anatomy', found 3"):
         run_choice(*two_subjects, shots=4)
+
+
+def test_a_space_after_a_comma_in_a_task_spec_is_pointed_out():
+    from mergelab.errors import ConfigError
+    from mergelab.evaluate import make_task
+
+    with pytest.raises(ConfigError, match="takes one value, got x.jsonl, chat=true \\(a space after a comma\\?"):
+        make_task("generate:data=x.jsonl, chat=true")
 
 
 def test_the_question_itself_is_never_its_own_example(two_subjects):

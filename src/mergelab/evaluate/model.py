@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from mergelab.errors import ConfigError, InputError
 from mergelab.io import Checkpoint
-from mergelab.io.adapter import ADAPTER_CONFIG, Adapter
+from mergelab.io.adapter import ADAPTER_CONFIG, Adapter, given_as
 from mergelab.io.checkpoint import TOKENIZER_FILES
 from mergelab.io.writer import LOADED_FROM
 
@@ -77,7 +77,7 @@ def open_adapters(references: Sequence[str | os.PathLike[str]]) -> list[Adapter]
         first = seen.setdefault(adapter.path.resolve(), adapter)
         if first is not adapter:
             raise InputError(
-                f"adapter '{adapter.reference}' is given twice (as '{first.reference}' too); each --adapter is "
+                f"adapter '{adapter.reference}' is given twice{given_as(first.reference, adapter.reference)}; each --adapter is "
                 "merged in once, so give it once (to scale an adapter, bake it with `mergelab lora bake --weights`)."
             )
         for tensor in sorted(adapter.full_tensors):

@@ -109,6 +109,11 @@ LORA_VARIANT_FIELDS: dict[str, str] = {
 _BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 
 
+def given_as(first: str, again: str) -> str:
+    """For a message about an adapter given twice: how it was first given, when spelled differently."""
+    return "" if first == again else f" (as '{first}' too)"
+
+
 def check_plain_lora_config(config: Mapping[str, Any], where: str) -> None:
     """Refuse an ``adapter_config.json`` that is not plain LoRA, naming the field and why.
 

@@ -37,7 +37,7 @@ from mergelab.arch import (
 )
 from mergelab.errors import InputError
 from mergelab.io import Checkpoint, TensorInfo
-from mergelab.io.adapter import Adapter, TensorUpdate, plan_updates
+from mergelab.io.adapter import Adapter, TensorUpdate, given_as, plan_updates
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class AdaptedModel:
             first = seen.setdefault(adapter.path.resolve(), adapter)
             if first is not adapter:
                 raise InputError(
-                    f"adapter '{adapter.reference}' is given twice (as '{first.reference}' too); apply each adapter "
+                    f"adapter '{adapter.reference}' is given twice{given_as(first.reference, adapter.reference)}; apply each adapter "
                     "once and give it the weight you mean (e.g. --weights 2)."
                 )
         self.base = base

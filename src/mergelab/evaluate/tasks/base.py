@@ -251,7 +251,9 @@ def _coerce(task: str, key: str, raw: Any, annotation: Any) -> Any:
         converted = [_coerce(task, key, item, inner) for item in items]
         return tuple(converted) if origin is tuple else converted
     if isinstance(raw, list):
-        raise ConfigError(f"task '{task}': option '{key}' takes one value, got {','.join(raw)}.")
+        spaced = any(item != item.lstrip() for item in raw[1:])
+        hint = " (a space after a comma? options are separated by ',' alone: data=x,chat=true)" if spaced else ""
+        raise ConfigError(f"task '{task}': option '{key}' takes one value, got {','.join(raw)}{hint}.")
     if not isinstance(raw, str):
         return raw
     try:

@@ -132,6 +132,7 @@ class ChoiceTask(Task):
         if not self.questions:
             raise InputError(f"{dataset.source}: no questions to evaluate.")
         self.dev: list[Question] = []
+        self.dev_source = ""
         if self.shots > 0:
             dev_source = options.dev or self._default_dev(options.data)
             if not dev_source:
@@ -140,8 +141,9 @@ class ChoiceTask(Task):
                     "e.g. --task choice:data=test.jsonl,dev=dev.jsonl (--num-fewshot applies to every task; "
                     "num_fewshot=K in a task's options to one)."
                 )
-            self.dev = [parse_question(row) for row in load_rows(dev_source, split=options.dev_split,
-                                                                  hf_config=options.config).rows]
+            dev = load_rows(dev_source, split=options.dev_split, hf_config=options.config)
+            self.dev_source = dev.source
+            self.dev = [parse_question(row) for row in dev.rows]
         # Dev rows by subject, in order (a question without a subject draws from all of them).
         self._dev_by_subject: dict[Optional[str], list[Question]] = {}
         for row in self.dev:
@@ -171,7 +173,8 @@ class ChoiceTask(Task):
                 pool.append(row)
         if len(pool) < self.shots:
             label = f"subject '{question.subject}'" if question.subject else "the dev set"
-            raise InputError(f"{self.shots}-shot needs {self.shots} dev examples for {label}, found {len(pool)}.")
+            raise InputError(f"{self.dev_source}: {self.shots}-shot needs {self.shots} dev examples for {label}, "
+                             f"found {len(pool)}; add dev rows or lower --num-fewshot.")
         return pool[: self.shots]
 
     def requests_for(self, question: Question) -> tuple[str, list[str]]:

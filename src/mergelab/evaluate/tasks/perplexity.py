@@ -48,7 +48,8 @@ class PerplexityTask(Task):
             raise ConfigError("task 'perplexity' needs data: --task perplexity:data=corpus.txt (or .jsonl with a 'text' field).")
         dataset = load_rows(options.data, split=options.split, hf_config=options.config)
         rows = iter_limited(dataset.rows, limit)
-        self.documents = [(row.where, row.require(options.field, str)) for row in rows]
+        hint = f"Score another field with field=NAME (e.g. --task perplexity:data={options.data},field=prompt)."
+        self.documents = [(row.where, row.require(options.field, str, hint)) for row in rows]
         self.documents = [(where, text) for where, text in self.documents if text.strip()]
         if not self.documents:
             raise InputError(f"{dataset.source}: no non-empty '{options.field}' text to score.")
