@@ -244,6 +244,7 @@ def _write_all(sink: TensorSink, task: TensorTask, results: list[Any]) -> None:
 def _progress(enabled: bool, description: str, total: int) -> tuple[Any, Any] | None:
     if not enabled:
         return None
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     bar = Progress(
@@ -252,6 +253,7 @@ def _progress(enabled: bool, description: str, total: int) -> tuple[Any, Any] | 
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         transient=False,
+        console=Console(stderr=True),  # stdout keeps the command's own output, e.g. for a pipe
     )
     bar.start()
     return bar, bar.add_task(description, total=total)

@@ -115,6 +115,7 @@ def run_demo(size: str = "tiny", out: str | Path = "demo-results", skills: Optio
 def evaluate_models(models: dict[str, Path], zoo_dir: Path, manifest: dict, skills: Sequence[str],
                     progress: bool) -> dict[str, dict[str, Any]]:
     """``scores[model][skill][metric]``: exact match and edit similarity on every skill's test split."""
+    from rich.console import Console
     from rich.progress import Progress
     from transformers.utils import logging as hf_logging
 
@@ -130,7 +131,7 @@ def evaluate_models(models: dict[str, Path], zoo_dir: Path, manifest: dict, skil
     library_bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # one bar per load would interleave with ours
     try:
-        with Progress(disable=not progress) as bar:
+        with Progress(disable=not progress, console=Console(stderr=True)) as bar:
             stage = bar.add_task("evaluating", total=len(models))
             for name, path in models.items():
                 results = evaluate_directory(str(path), list(tasks.values()), batch_size=64, cache=False,
