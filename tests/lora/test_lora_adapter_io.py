@@ -115,3 +115,36 @@ def test_writer_file_name_option(tmp_path):
         "adapter_model-00002-of-00002.safetensors",
         "adapter_model.safetensors.index.json",
     ]
+
+
+def test_weights_for_modules_target_modules_does_not_name_are_refused(loras, tmp_path):
+    """PEFT makes LoRA layers for the modules target_modules names (less exclude_modules) and leaves other
+    weights out; applying them anyway would compute something else than the adapter does in PEFT."""
+    import warnings
+
+    from mergelab.errors import InputError
+
+    plain = Adapter(loras.path("plain"))
+    modules = sorted(plain.modules)
+
+    def edited(name: str, **changes) -> Path:
+        path = tmp_path / name
+        shutil.copytree(loras.path("plain"), path)
+        config = json.loads((path / "adapter_config.json").read_text())
+        (path / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+        return path
+
+    narrow = edited("narrow", target_modules=["q_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kept = lora_layers(peft_model(loras.base, {"x": str(narrow)}))
+    assert kept and all(name.endswith(".q_proj") for name in kept)  # PEFT: q_proj alone
+    stray = next(m for m in modules if not m.endswith(".q_proj"))
+    with pytest.raises(InputError, match=r"target_modules \[\"q_proj\"\] does not name \d+ module\(s\) that "
+                                         r"adapter_model.safetensors has LoRA weights for \(e\.g\. '"):
+        Adapter(str(narrow))
+    with pytest.raises(InputError, match="less exclude_modules"):
+        Adapter(str(edited("excluded", exclude_modules=[stray.rsplit(".", 1)[1]])))
+    # Every module named: by a regular expression for the whole name, or by full names.
+    assert set(Adapter(str(edited("regex", target_modules=r"model\.layers\.\d+\..*"))).modules) == set(modules)
+    assert set(Adapter(str(edited("full", target_modules=modules))).modules) == set(modules)

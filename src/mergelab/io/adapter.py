@@ -144,6 +144,13 @@ def check_plain_lora_config(config: Mapping[str, Any], where: str) -> None:
             )
 
 
+def _names(patterns: str | Sequence[str], module: str) -> bool:
+    """Whether PEFT's ``target_modules`` / ``exclude_modules`` value names ``module``."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, module) is not None
+    return module in patterns or any(module.endswith(f".{name}") for name in patterns)
+
+
 def _short(value: Any) -> str:
     text = json.dumps(value, default=str)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -321,6 +328,27 @@ class Adapter:
             self.modules[module] = self._module(module, kind, parts)
         if not self.modules and not self.full_tensors:
             raise InputError(f"{where}: holds no LoRA tensors.")
+        self._check_targets()
+
+    def _check_targets(self) -> None:
+        """Refuse LoRA weights for modules that ``target_modules`` (less ``exclude_modules``) does not name:
+        PEFT creates LoRA layers for the named modules alone and would leave those weights out, so applying
+        them would compute something else (a hand-edited config, or weights from another adapter). Matched
+        as PEFT matches: a string is a regular expression for the whole name, a list holds names or their
+        last parts. Not checked where the model decides (``all-linear``, ``layers_to_transform``)."""
+        config, target = self.config, self.target_modules
+        if not target or target == "all-linear" or config.get("layers_to_transform") not in (None, [], ""):
+            return
+        excluded = config.get("exclude_modules") or []
+        stray = [module for module in self.modules
+                 if not _names(target, module) or (excluded and _names(excluded, module))]
+        if stray:
+            raise InputError(
+                f"{self.path / ADAPTER_CONFIG}: target_modules {_short(target)}"
+                + (f" (less exclude_modules {_short(excluded)})" if excluded else "")
+                + f" does not name {len(stray)} module(s) that {ADAPTER_WEIGHTS} has LoRA weights for (e.g. "
+                f"'{stray[0]}'); PEFT would leave those weights out. Correct target_modules, or the weights."
+            )
 
     def _module(self, module: str, kind: str, parts: dict[str, TensorInfo]) -> LoraModule:
         where = f"{self.weights_path}: module '{module}'"
