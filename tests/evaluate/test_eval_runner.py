@@ -161,9 +161,9 @@ def test_other_architectures_batched_with_long_contexts(family, tmp_path):
         assert output == tokenizer.decode(generated[0, encoded.input_ids.shape[1]:], skip_special_tokens=True)
 
 
-def test_truncated_contexts_batched_with_learned_positions(tmp_path):
+def test_truncated_contexts_batched_with_learned_positions(tmp_path, caplog):
     """Contexts past GPT-2's 256 positions are cut per request, so tails of different lengths share a
-    batch: their padding must not ask for positions the model has no embedding for."""
+    batch: their padding must not ask for positions the model has no embedding for. The cut is said once."""
     from mergelab.evaluate import load_model
     from mergelab.zoo.random_models import make_model
 
@@ -172,7 +172,11 @@ def test_truncated_contexts_batched_with_learned_positions(tmp_path):
     long = "x y z " * 100  # 300 tokens
     requests = [(long, " tree seven layer"), (long, " a"), (long, " model weight layer token tree seven"),
                 ("w v " * 200, " b c")]
-    one_by_one = Runner(model, tokenizer, batch_size=1).loglikelihood(requests)
+    with caplog.at_level("WARNING", logger="mergelab.evaluate.runner"):
+        one_by_one = Runner(model, tokenizer, batch_size=1).loglikelihood(requests)
+    cut = [r.getMessage() for r in caplog.records if "cut on the left" in r.getMessage()]
+    assert cut == ["4 of 4 contexts were longer than the model's context of 256 tokens and were cut on the left "
+                   "(as lm-eval does); few-shot examples or long prompts may have been lost"]
     batched = Runner(model, tokenizer, batch_size=4).loglikelihood(requests)
     for (logprob, greedy), (expected, expected_greedy) in zip(batched, one_by_one):
         assert logprob == pytest.approx(expected, abs=1e-4)

@@ -157,6 +157,14 @@ class RunnerStats:
 ModelProvider = Callable[[], tuple[Any, Any]]
 
 
+def _warn_cut(cut: int, total: int, what: str, max_length: int, room: str = "") -> None:
+    """One warning for the inputs cut on the left to fit the model's context (as lm-eval cuts them)."""
+    if cut:
+        log.warning("%d of %d %s were longer than the model's context of %d tokens%s and were cut on the left "
+                    "(as lm-eval does); few-shot examples or long prompts may have been lost", cut, total, what,
+                    max_length, room)
+
+
 def resolve_max_length(config: Any, tokenizer: Any = None) -> int:
     """The context length lm-evaluation-harness would use: config n_positions / max_position_embeddings / n_ctx, else the tokenizer's, else 2048."""
     def read(obj: Any, name: str) -> Any:
@@ -359,6 +367,7 @@ class Runner:
 
         max_length = self.max_length
         groups: dict[tuple[int, ...], list[tuple[str, list[int]]]] = {}
+        cut = 0
         for (context, continuation), key in zip(requests, keys):
             context_ids, continuation_ids = self.encode_pair(context, continuation)
             if not continuation_ids:
@@ -369,8 +378,10 @@ class Runner:
                     f"context ({max_length}); shorten it."
                 )
             whole = (context_ids + continuation_ids)[-(max_length + 1):]
+            cut += len(whole) < len(context_ids) + len(continuation_ids)
             context_ids = whole[: len(whole) - len(continuation_ids)]
             groups.setdefault(tuple(context_ids), []).append((key, continuation_ids))
+        _warn_cut(cut, len(requests), "contexts", max_length)
         # Longest first, as lm-eval does: padding stays small and memory peaks at once.
         ordered = sorted(groups.items(), key=lambda item: -(len(item[0]) + max(len(c) for _, c in item[1])))
         pad = self._pad_id()
@@ -571,6 +582,7 @@ class Runner:
         import torch
 
         encoded = []
+        cut = 0
         for request, key in zip(requests, keys):
             ids = self.prompt_ids(request)
             room = self.max_length - request.params.max_new_tokens
@@ -581,9 +593,10 @@ class Runner:
                     f"(e.g. --task NAME:...,max_new_tokens={max(1, self.max_length // 2)})."
                 )
             if len(ids) > room:
-                log.warning("prompt of %d tokens truncated on the left to %d", len(ids), room)
+                cut += 1
                 ids = ids[-room:]
             encoded.append((ids, request, key))
+        _warn_cut(cut, len(requests), "prompts", self.max_length, " with room for max_new_tokens")
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
