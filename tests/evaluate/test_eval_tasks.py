@@ -130,6 +130,12 @@ def test_adapters_are_merged_at_load_and_change_the_fingerprint(tiny_dir, tmp_pa
 
     LiveModelSink(loaded)  # other weights may now be written into it: it no longer claims the adapter
     assert evaluate(loaded, tokenizer, [spec], limit=2)["model"]["adapters"] == []
+    # Nor does a model whose weights changed otherwise, or a wrapper around one.
+    from mergelab.evaluate.model import loaded_from
+
+    assert loaded_from(unadapted) is not None and loaded_from(fresh) is None  # fresh: the adapter merged in by PEFT
+    assert loaded_from(PeftModel.from_pretrained(unadapted, str(adapter))) is None
+    assert "path" not in evaluate(fresh, tokenizer, [spec], limit=2)["model"]
     with pytest.raises(InputError, match="not a PEFT adapter directory"):
         evaluate_directory(str(tiny_dir), [spec], adapters=[str(tmp_path)], cache=False)
 

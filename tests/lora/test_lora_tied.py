@@ -32,6 +32,8 @@ ADAPTERS = {
     "saved_embedding": dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"]),
     "saved_head": dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),
     "saved_head_too": dict(target_modules=["v_proj"], modules_to_save=["lm_head"]),
+    # PEFT ties the head's LoRA to the embedding's and saves target_modules naming the embedding only
+    "tied_head_lora": dict(target_modules=["q_proj", "lm_head"], ensure_weight_tying=True),
 }
 
 
@@ -66,7 +68,9 @@ def test_bake_on_a_tied_base_computes_what_the_unmerged_adapter_computes(tied, t
     config = json.loads((baked / "config.json").read_text())
     assert config["tie_word_embeddings"] is False
     tensors = load_model_tensors(baked)
-    assert not torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
+    # with ensure_weight_tying both roles get the same update (the head's factors are the embedding's, transposed)
+    same = torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
+    assert same == (name == "tied_head_lora")
     with torch.no_grad():
         torch.testing.assert_close(causal_lm(baked)(TOKENS).logits, unmerged_logits(base, adapters[name]),
                                    rtol=0, atol=1e-5)

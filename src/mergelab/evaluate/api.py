@@ -25,8 +25,7 @@ from typing import Any, Optional, Sequence, Union
 
 from mergelab.errors import ConfigError
 from mergelab.evaluate.cache import ResultCache
-from mergelab.evaluate.model import ModelSource, fingerprint_module
-from mergelab.io.writer import LOADED_FROM
+from mergelab.evaluate.model import ModelSource, fingerprint_module, loaded_from
 from mergelab.evaluate.results import RESULTS_FORMAT, check_results_path, package_versions, write_results
 from mergelab.evaluate.runner import Runner, resolve_max_length
 from mergelab.evaluate.tasks import Context, JudgeSettings, Task, make_task
@@ -175,11 +174,11 @@ def evaluate(model: Any = None, tokenizer: Any = None, tasks: Sequence[TaskLike]
     store = ResultCache(cache) if isinstance(cache, (str, Path)) else cache
     runner = None
     identity = None
+    if model is not None and tokenizer is None:
+        raise ConfigError("evaluate(model, tokenizer, ...) needs the model's tokenizer too.")
     built = build_tasks(tasks, limit, num_fewshot)
     check_model_used(model is not None, built)
     if model is not None:
-        if tokenizer is None:
-            raise ConfigError("evaluate(model, tokenizer, ...) needs the model's tokenizer too.")
         # Cheap (no weight byte read): config, generation config, tokenizer, tensor names, shapes and dtypes.
         identity = fingerprint_module(model, tokenizer, content=False)
         if store is not None and not fingerprint:
@@ -199,7 +198,7 @@ def evaluate(model: Any = None, tokenizer: Any = None, tasks: Sequence[TaskLike]
     info = dict(model_info or {})
     if model is not None:
         parameter = next(model.parameters())
-        loaded = getattr(model, LOADED_FROM, None)  # set by load_model: the directory and adapters it holds
+        loaded = loaded_from(model)  # the directory and adapters load_model put there, if still there
         if loaded:
             info.setdefault("path", loaded["path"])
             info.setdefault("adapters", loaded["adapters"])

@@ -242,10 +242,32 @@ def load_model(reference: str | os.PathLike[str], adapters: Sequence[str | os.Pa
     model.to(device)
     model.eval()
     # What evaluate() reports the model was loaded from: this directory with these adapters (their
-    # identity fingerprint as evaluate_directory computes it); dropped if other weights are written into it.
-    setattr(model, LOADED_FROM, {"path": str(reference), "adapters": [str(a) for a in adapters],
-                                 "fingerprint": fingerprint_directory(checkpoint.path, adapters, content=False)})
+    # identity fingerprint as evaluate_directory computes it), with a sample of its weights to tell
+    # whether they are still the ones loaded (see loaded_from).
+    model.__dict__[LOADED_FROM] = {"path": str(reference), "adapters": [str(a) for a in adapters],
+                                   "fingerprint": fingerprint_directory(checkpoint.path, adapters, content=False),
+                                   "sample": _weight_sample(model)}
     return model, load_tokenizer(checkpoint.path)
+
+
+def loaded_from(model: Any) -> Optional[dict[str, Any]]:
+    """What :func:`load_model` loaded into ``model`` (path, adapters, identity fingerprint), or None when
+    ``model`` was not loaded by it, is a wrapper around such a model, or no longer holds the weights it
+    loaded: the first entries of every weight are compared, which catches adapters merged in and other
+    edits of whole tensors (an edit that spares those entries goes unseen)."""
+    record = getattr(model, "__dict__", {}).get(LOADED_FROM)
+    if record is None or record["sample"] != _weight_sample(model):
+        return None
+    return record
+
+
+def _weight_sample(model: Any) -> list[float]:
+    """The sum of the first 64 entries of every parameter (one transfer from the device)."""
+    import torch
+
+    with torch.no_grad():
+        sums = [p.detach().reshape(-1)[:64].double().sum() for p in model.parameters()]
+        return torch.stack(sums).cpu().tolist() if sums else []
 
 
 def _untie_for(model: Any, adapters: Sequence[Adapter]) -> None:

@@ -335,13 +335,18 @@ class Adapter:
         PEFT creates LoRA layers for the named modules alone and would leave those weights out, so applying
         them would compute something else (a hand-edited config, or weights from another adapter). Matched
         as PEFT matches: a string is a regular expression for the whole name, a list holds names or their
-        last parts. Not checked where the model decides (``all-linear``, ``layers_to_transform``)."""
+        last parts. Not checked where the model decides (``all-linear``, ``layers_to_transform``). With
+        ``ensure_weight_tying``, PEFT saves LoRA on a tied model's output head but names only its
+        embeddings: a top-level module (the head, e.g. ``lm_head``) may then be unnamed."""
         config, target = self.config, self.target_modules
-        if not target or target == "all-linear" or config.get("layers_to_transform") not in (None, [], ""):
+        if not target or (isinstance(target, str) and target.lower() == "all-linear") \
+                or config.get("layers_to_transform") not in (None, [], ""):
             return
         excluded = config.get("exclude_modules") or []
+        tied_head = bool(config.get("ensure_weight_tying"))
         stray = [module for module in self.modules
-                 if not _names(target, module) or (excluded and _names(excluded, module))]
+                 if (not _names(target, module) and not (tied_head and "." not in module))
+                 or (excluded and _names(excluded, module))]
         if stray:
             raise InputError(
                 f"{self.path / ADAPTER_CONFIG}: target_modules {_short(target)}"
