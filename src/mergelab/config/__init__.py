@@ -53,8 +53,9 @@ def check_parameter_scopes(scopes: list[tuple[dict | None, str, bool]], method: 
                 if name in method.accepted_without_effect:
                     log.warning("%s.%s has no effect with merge_method %s; ignored", where, name, method.name)
                     continue
+                hint = " (this method sets the models' weights itself; remove it)" if name == "weight" else ""
                 raise ConfigError(
-                    f"{where}.{name}: unknown parameter for merge_method {method.name}; it accepts: {known}."
+                    f"{where}.{name}: unknown parameter for merge_method {method.name}{hint}; it accepts: {known}."
                 )
             if per_model_scope and not param.per_model:
                 raise ConfigError(

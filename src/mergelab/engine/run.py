@@ -136,6 +136,7 @@ def run(
     pending_loads: deque[Future] = deque()
     pending_write: Future | None = None
     bar = _progress(progress, description, len(tasks))
+    debug = log.isEnabledFor(logging.DEBUG)
     finished = False
     try:
         for index in range(min(prefetch, len(tasks))):
@@ -146,9 +147,14 @@ def run(
             following = index + prefetch
             if following < len(tasks):
                 pending_loads.append(reader.submit(_load, tasks[following], sources, target))
+            began = time.perf_counter()
             with torch.no_grad():
                 results = _finish(task, task.op(inputs), stats)
                 del inputs
+            if debug:  # with --verbose: what each output came from, how, and how long it took
+                log.debug("%s <- %s by %r in %.3f s", task.name,
+                          ", ".join(f"{ref.source}:{ref.name}" for ref in task.inputs), task.op,
+                          time.perf_counter() - began)
             if pending_write is not None:
                 pending_write.result()
             pending_write = writer.submit(_write_all, sink, task, results)

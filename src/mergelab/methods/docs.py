@@ -30,9 +30,13 @@ number of entries of a tensor. Parameters marked *per model* may be set under ea
 gradient over layers or a filter list, resolved exactly as mergekit resolves them. The
 last column lists where mergelab deliberately differs from mergekit 0.1.5; everything else
 is numerically equal to mergekit on the same inputs in float32 (tests/merge/test_merge_parity.py).
-With `dtype: float16` or `bfloat16` results may differ by a unit in the last place:
-mergekit first rounds each weight to that dtype (0.3 becomes 0.30078 in bfloat16), mergelab
-multiplies by the weight as written, and TIES-family divisors Σ w_i are summed in float32.
+With `dtype: float16` or `bfloat16` results differ from mergekit's: mergekit first rounds
+each weight to that dtype (0.3 becomes 0.30078 in bfloat16), mergelab multiplies by the
+weight as written, and TIES-family divisors Σ w_i are summed in float32. Most entries then
+differ by a unit in the last place, but in the methods that elect a sign from Σ w_i δ_i
+(`ties`, `dare_ties`, `della`, `breadcrumbs_ties`) an entry where that sum is close to zero
+can elect the other sign and take other models' values (about 1% of the entries in a
+bfloat16 test with weights 0.3 and 0.7).
 """
 
 FOOTER = """
