@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -130,6 +131,11 @@ def evaluate_models(models: dict[str, Path], zoo_dir: Path, manifest: dict, skil
     scores: dict[str, dict[str, Any]] = {}
     library_bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # one bar per load would interleave with ours
+    # One log line per model and skill would bury the bar; the report holds every score (-v shows them).
+    task_log = logging.getLogger("mergelab.evaluate.api")
+    task_level = task_log.level
+    if not task_log.isEnabledFor(logging.DEBUG):
+        task_log.setLevel(logging.WARNING)
     try:
         with Progress(disable=not progress, console=Console(stderr=True)) as bar:
             stage = bar.add_task("evaluating", total=len(models))
@@ -143,6 +149,7 @@ def evaluate_models(models: dict[str, Path], zoo_dir: Path, manifest: dict, skil
                                            for metric in METRICS}
                 bar.advance(stage)
     finally:
+        task_log.setLevel(task_level)
         if library_bars:
             hf_logging.enable_progress_bar()
     return scores
