@@ -27,7 +27,10 @@ T = TypeVar("T")
 _state = {"verbose": False, "quiet": False}
 
 
-def _configure_logging(verbose: bool, quiet: bool) -> None:
+def _configure_logging(verbose: bool, quiet: bool, first: bool = False) -> None:
+    """Set the log level; ``first``: the flags before the subcommand (the later ones add to them)."""
+    if (verbose and quiet) or (not first and ((verbose and _state["quiet"]) or (quiet and _state["verbose"]))):
+        raise typer.BadParameter("--verbose and --quiet contradict each other; give one of them.")
     _state["verbose"] = verbose
     _state["quiet"] = quiet
     if quiet:  # transformers' and the Hub's progress bars (read when they are first imported)
@@ -44,7 +47,7 @@ def _global(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logs, and full tracebacks on errors."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
 ) -> None:
-    _configure_logging(verbose, quiet)
+    _configure_logging(verbose, quiet, first=True)
 
 
 def _show(progress: bool) -> bool:

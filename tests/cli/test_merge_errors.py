@@ -282,3 +282,12 @@ def test_models_of_different_architectures_need_allow_crimes(model_sets, tmp_pat
     allowed = CliRunner().invoke(app, args + ["--allow-crimes"])
     assert allowed.exit_code == 0, allowed.output
     assert (out / "model.safetensors").is_file()
+
+
+def test_verbose_and_quiet_together_are_refused(tmp_path):
+    for args in (["-q", "merge", "r.yml", "out", "-v"], ["-q", "-v", "merge", "r.yml", "out"],
+                 ["merge", "r.yml", "out", "-v", "-q"]):
+        result = CliRunner().invoke(app, args)
+        text = " ".join(result.output.replace("│", " ").split())  # the message is wrapped in a box
+        assert result.exit_code == 2 and "--verbose and --quiet contradict each other" in text, args
+    assert CliRunner().invoke(app, ["-v", "merge", "--help"]).exit_code == 0  # -v after -q of an earlier call is fine
