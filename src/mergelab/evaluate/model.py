@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from mergelab.errors import ConfigError, InputError
 from mergelab.io import Checkpoint
-from mergelab.io.adapter import ADAPTER_CONFIG, Adapter, given_as
+from mergelab.io.adapter import ADAPTER_CONFIG, Adapter, refuse_repeated
 from mergelab.io.checkpoint import TOKENIZER_FILES
 from mergelab.io.writer import LOADED_FROM
 
@@ -71,15 +71,10 @@ def open_adapters(references: Sequence[str | os.PathLike[str]]) -> list[Adapter]
     """Open and validate PEFT adapter directories; refuse one given twice, or two that save a full
     copy of the same module."""
     adapters = [Adapter(str(reference)) for reference in references]
+    refuse_repeated(adapters, "each --adapter is merged in once, so give it once (to scale an adapter, bake it "
+                              "with `mergelab lora bake --weights`).")
     owners: dict[str, Adapter] = {}
-    seen: dict[Path, Adapter] = {}
     for adapter in adapters:
-        first = seen.setdefault(adapter.path.resolve(), adapter)
-        if first is not adapter:
-            raise InputError(
-                f"adapter '{adapter.reference}' is given twice{given_as(first.reference, adapter.reference)}; each --adapter is "
-                "merged in once, so give it once (to scale an adapter, bake it with `mergelab lora bake --weights`)."
-            )
         for tensor in sorted(adapter.full_tensors):
             if tensor in owners:
                 module = tensor.rsplit(".", 1)[0]
@@ -241,17 +236,20 @@ def load_model(reference: str | os.PathLike[str], adapters: Sequence[str | os.Pa
             ) from exc
     model.to(device)
     model.eval()
-    # What evaluate() reports the model was loaded from: this directory with these adapters (their
-    # identity fingerprint as evaluate_directory computes it), with a sample of its weights to tell
-    # whether they are still the ones loaded (see loaded_from).
-    model.__dict__[LOADED_FROM] = {"path": str(reference), "adapters": [str(a) for a in adapters],
-                                   "fingerprint": fingerprint_directory(checkpoint.path, adapters, content=False),
-                                   "sample": _weight_sample(model)}
+    # What evaluate() reports the model was loaded from: this directory with these adapters (with
+    # adapters, their identity fingerprint as evaluate_directory computes it), with a sample of its
+    # weights to tell whether they are still the ones loaded (see loaded_from).
+    model.__dict__[LOADED_FROM] = {
+        "path": str(reference), "adapters": [str(a) for a in adapters],
+        "fingerprint": fingerprint_directory(checkpoint.path, adapters, content=False) if adapters else None,
+        "sample": _weight_sample(model),
+    }
     return model, load_tokenizer(checkpoint.path)
 
 
 def loaded_from(model: Any) -> Optional[dict[str, Any]]:
-    """What :func:`load_model` loaded into ``model`` (path, adapters, identity fingerprint), or None when
+    """What :func:`load_model` loaded into ``model`` (path, adapters, and with adapters their identity
+    fingerprint), or None when
     ``model`` was not loaded by it, is a wrapper around such a model, or no longer holds the weights it
     loaded: the first entries of every weight are compared, which catches adapters merged in and other
     edits of whole tensors (an edit that spares those entries goes unseen)."""

@@ -109,9 +109,14 @@ LORA_VARIANT_FIELDS: dict[str, str] = {
 _BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 
 
-def given_as(first: str, again: str) -> str:
-    """For a message about an adapter given twice: how it was first given, when spelled differently."""
-    return "" if first == again else f" (as '{first}' too)"
+def refuse_repeated(adapters: Sequence["Adapter"], advice: str) -> None:
+    """Refuse an adapter directory given twice (by any spelling of its path); ``advice`` says what to do."""
+    seen: dict[Path, Adapter] = {}
+    for adapter in adapters:
+        first = seen.setdefault(adapter.path.resolve(), adapter)
+        if first is not adapter:
+            also = "" if first.reference == adapter.reference else f" (as '{first.reference}' too)"
+            raise InputError(f"adapter '{adapter.reference}' is given twice{also}; {advice}")
 
 
 def check_plain_lora_config(config: Mapping[str, Any], where: str) -> None:

@@ -37,7 +37,7 @@ from mergelab.arch import (
 )
 from mergelab.errors import InputError
 from mergelab.io import Checkpoint, TensorInfo
-from mergelab.io.adapter import Adapter, TensorUpdate, given_as, plan_updates
+from mergelab.io.adapter import Adapter, TensorUpdate, plan_updates, refuse_repeated
 
 log = logging.getLogger(__name__)
 
@@ -143,14 +143,7 @@ class AdaptedModel:
         weights = list(weights) if weights is not None else [1.0] * len(adapters)
         if len(weights) != len(adapters):
             raise InputError(f"{len(weights)} weights given for {len(adapters)} adapters; give one weight per adapter.")
-        seen: dict[Path, Adapter] = {}
-        for adapter in adapters:
-            first = seen.setdefault(adapter.path.resolve(), adapter)
-            if first is not adapter:
-                raise InputError(
-                    f"adapter '{adapter.reference}' is given twice{given_as(first.reference, adapter.reference)}; apply each adapter "
-                    "once and give it the weight you mean (e.g. --weights 2)."
-                )
+        refuse_repeated(adapters, "apply each adapter once and give it the weight you mean (e.g. --weights 2).")
         self.base = base
         self.adapters = list(adapters)
         self.weights = weights
